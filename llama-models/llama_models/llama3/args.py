@@ -1,0 +1,135 @@
+"""The shape of a Llama 3.x model: what `params.json` says, plus two numbers chosen at run time.
+
+Meta ships every checkpoint with a small `params.json`, for example Llama 3.2 1B:
+
+    {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+     "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05,
+     "rope_theta": 500000.0, "use_scaled_rope": true}
+
+`ModelArgs` holds those fields, the runtime `max_seq_len` / `max_batch_size` (they size the KV cache,
+so they are chosen by whoever runs the model, not by the checkpoint), and the quantities derived from
+them (head size, feed-forward width, RoPE scale factor).
+"""
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+
+class LlamaError(Exception):
+    """Input the user can fix: a bad folder, file, device or prompt. The message is one line that
+    names the culprit and says what to do, so scripts print it instead of a traceback."""
+
+
+@dataclass
+class ModelArgs:
+    # --- from params.json -------------------------------------------------------------------------
+    dim: int = 4096  # width of the residual stream (the "hidden size")
+    n_layers: int = 32  # number of transformer blocks
+    n_heads: int = 32  # query heads per attention layer
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None means n_heads
+    vocab_size: int = 128256  # 128,000 BPE tokens + 256 special tokens
+    multiple_of: int = 256  # the feed-forward width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # widens the feed-forward layer (1.3 for 8B/70B)
+    norm_eps: float = 1e-5  # added inside RMSNorm's square root to avoid dividing by zero
+    rope_theta: float = 500000.0  # base of the rotary position frequencies
+    use_scaled_rope: bool = False  # Llama 3.1+ stretches low frequencies for a 128k context
+    # --- chosen at run time -----------------------------------------------------------------------
+    max_seq_len: int = 2048  # longest prompt + answer the KV cache can hold
+    max_batch_size: int = 1  # sequences decoded together (beam search uses one per beam)
+    # Llama 3.1 RoPE scaling stretches long wavelengths by this factor. Meta's code hard-codes 8;
+    # the 3.2 1B/3B models were trained with 32 (see `default_rope_scale_factor`). None = pick.
+    rope_scale_factor: Optional[float] = None
+    # --- derived in __post_init__ (not arguments) -------------------------------------------------
+    head_dim: int = field(init=False)
+    ffn_hidden_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        self._check_shapes()
+        self.head_dim = self.dim // self.n_heads
+        self.ffn_hidden_dim = feed_forward_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.rope_scale_factor is None:
+            self.rope_scale_factor = default_rope_scale_factor(self.dim, self.n_layers)
+
+    def _check_shapes(self):
+        if self.dim % self.n_heads != 0:
+            raise LlamaError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}: check params.json")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise LlamaError(
+                f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}: check params.json"
+            )
+        if self.max_seq_len < 1 or self.max_batch_size < 1:
+            raise LlamaError(
+                f"max_seq_len ({self.max_seq_len}) and max_batch_size ({self.max_batch_size}) must be at least 1"
+            )
+
+    @classmethod
+    def from_params(cls, params: dict, **runtime) -> "ModelArgs":
+        """Build from the dict in `params.json`, plus runtime fields such as max_seq_len=512.
+
+        Fields we do not use are ignored, but checkpoints we cannot run are refused by name.
+        """
+        params = params.get("model", params)  # a few files nest the arguments under "model"
+        _refuse_unsupported(params)
+        known = {f.name for f in fields(cls) if f.init}
+        return cls(**{key: value for key, value in params.items() if key in known}, **runtime)
+
+    @classmethod
+    def from_json_file(cls, path, **runtime) -> "ModelArgs":
+        path = Path(path)
+        if not path.is_file():
+            raise LlamaError(f"{path} not found: a Llama checkpoint folder must contain params.json")
+        try:
+            params = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise LlamaError(f"{path} is not valid JSON ({error}): download params.json again") from None
+        if not isinstance(params, dict):
+            raise LlamaError(f"{path} should hold a JSON object of model arguments: download it again")
+        return cls.from_params(params, **runtime)
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head (4 for 8B and 1B, 8 for 70B)."""
+        return self.n_heads // self.n_kv_heads
+
+
+def feed_forward_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Width of the SwiGLU feed-forward layer, derived exactly as Meta derives it.
+
+    A classic MLP is 4*dim wide. SwiGLU has three matrices instead of two, so Meta keeps the parameter
+    count level by taking 2/3 of that, then widens by ffn_dim_multiplier and rounds up to a multiple
+    of `multiple_of` (friendly to GPU kernels). Llama 3.1 8B: 16384 -> 10922 -> 14198 -> 14336.
+    """
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def default_rope_scale_factor(dim: int, n_layers: int) -> float:
+    """32 for the Llama 3.2 1B and 3B shapes, 8 for every other Llama 3.x model.
+
+    params.json carries no scale factor. Meta's code always uses 8, but the 3.2 1B/3B models were
+    trained with 32 (Meta confirmed it; with 8 they degrade past ~80k tokens). Short prompts barely
+    notice either way. Override with ModelArgs(rope_scale_factor=...).
+    """
+    is_llama32_small = (dim, n_layers) in {(2048, 16), (3072, 28)}
+    return 32.0 if is_llama32_small else 8.0
+
+
+def _refuse_unsupported(params: dict):
+    """Quantized and vision checkpoints have extra tensors and layers this text-only model lacks."""
+    if params.get("quantization_args") or params.get("lora_args"):
+        raise LlamaError(
+            "this is a quantized checkpoint (params.json has quantization_args/lora_args), "
+            "which llama_models does not run: download the bf16 version of the model"
+        )
+    vision_keys = [key for key in params if key.startswith("vision_")]
+    if vision_keys:
+        raise LlamaError(
+            f"this is a vision checkpoint (params.json has {vision_keys[0]}), "
+            "which llama_models does not run: use a Llama 3.x text model"
+        )

@@ -1,0 +1,321 @@
+"""The Llama 3.x transformer, from token ids to next-token logits.
+
+    tokens (batch, seq)
+      -> tok_embeddings                      (batch, seq, dim)
+      -> n_layers x TransformerBlock:        h = h + attention(attention_norm(h))
+                                             h = h + feed_forward(ffn_norm(h))
+      -> norm -> output                      (batch, seq, vocab) float32 logits
+
+Every module name equals a key in Meta's `consolidated.00.pth` (`layers.0.attention.wq.weight`, ...),
+so the checkpoint loads with `load_state_dict(strict=True)` and no renaming.
+
+The linear layers and the embedding come from fairscale's model-parallel package. With one process
+they behave like `nn.Linear(bias=False)` and `nn.Embedding`; with N processes (torchrun) each process
+holds 1/N of every matrix and fairscale adds the communication. The local sizes below
+(`n_local_heads`, ...) are the per-process share.
+
+Shapes use: batch, seq (tokens in this call), kv_len (tokens cached so far plus this call),
+dim, n_heads, n_kv_heads, head_dim (= dim / n_heads), vocab.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import get_model_parallel_world_size
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from torch import nn
+
+from .args import LlamaError, ModelArgs
+
+
+def _keep_uninitialised(weight: torch.Tensor) -> torch.Tensor:
+    """fairscale's `init_method`: leave the weight as allocated, since the checkpoint replaces it.
+
+    fairscale allocates its weights with the legacy `torch.Tensor(rows, cols)` constructor, which
+    ignores `torch.device("meta")` and the default device: it always reserves CPU memory. Left
+    untouched, the operating system never backs those pages with RAM, and `load_state_dict(...,
+    assign=True)` swaps them for the checkpoint's tensors, so no second copy of the weights exists.
+    Random initialisation here would write every page and double the memory.
+    """
+    return weight
+
+
+# ------------------------------------------------------------------------------------------------
+# RMSNorm
+# ------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned per-channel weight.
+
+    Cheaper than LayerNorm: no mean is subtracted and there is no bias.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares is taken in float32: in bfloat16 (8 bits of mantissa) a sum over
+        # thousands of channels loses most of its digits.
+        x32 = x.float()
+        normalised = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normalised.type_as(x) * self.weight
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE)
+# ------------------------------------------------------------------------------------------------
+# Attention by itself does not know where tokens are. RoPE tells it by rotating each query and key:
+# channels (0, 1) form a 2-D point rotated by angle pos * freq_0, channels (2, 3) by pos * freq_1, and
+# so on (Meta's "interleaved" pairs; Hugging Face pairs channel j with j + head_dim/2 instead). The dot
+# product of two rotated vectors depends only on the distance between their positions.
+#
+# Meta writes this with complex numbers; we use cos/sin on real tensors, the same arithmetic, because
+# several complex-number kernels are missing on Apple's MPS backend.
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """One rotation speed per channel pair, fastest first: theta^(-2i/head_dim).   # (head_dim/2,)"""
+    pair_index = torch.arange(0, args.head_dim, 2, dtype=torch.float32)
+    freqs = 1.0 / (args.rope_theta ** (pair_index / args.head_dim))
+    if args.use_scaled_rope:
+        freqs = scale_rope_frequencies(freqs, args.rope_scale_factor)
+    return freqs
+
+
+def scale_rope_frequencies(
+    freqs: torch.Tensor,
+    scale_factor: float,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_context: int = 8192,
+) -> torch.Tensor:
+    """Llama 3.1's context extension from 8k to 128k tokens.
+
+    Pairs that turn fast (wavelength under original_context / high_freq_factor = 2048 tokens) encode
+    local order and are kept. Pairs that turn so slowly that they never finished a turn in the 8k
+    training context are slowed down further by `scale_factor`, so that 128k positions still map to
+    angles the model has seen. Wavelengths in between blend smoothly between the two.
+    """
+    wavelength = 2 * math.pi / freqs
+    short_wavelength = original_context / high_freq_factor  # 2048
+    long_wavelength = original_context / low_freq_factor  # 8192
+    # 0 at the long end, 1 at the short end of the blended band.
+    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelength > long_wavelength, freqs / scale_factor, blended)
+    return torch.where(wavelength < short_wavelength, freqs, scaled)
+
+
+def rope_cos_sin(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every rotation angle the cache can need.   # 2 x (max_seq_len, head_dim/2)
+
+    Computed in float32 on the CPU so every device uses the same table.
+    """
+    positions = torch.arange(args.max_seq_len, dtype=torch.float32)
+    angles = torch.outer(positions, rope_frequencies(args))
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair of x by its position's angle.
+
+    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim/2). Returns x's shape and dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim/2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]  # each (batch, seq, heads, head_dim/2)
+    cos = cos[None, :, None, :]  # (1, seq, 1, head_dim/2): same angle for every batch row and head
+    sin = sin[None, :, None, :]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Causal mask
+# ------------------------------------------------------------------------------------------------
+
+
+def causal_mask(seq: int, start_pos: int, device: torch.device) -> torch.Tensor:
+    """Additive mask that stops each new token from attending to tokens after it.   # (seq, kv_len)
+
+    Row i is the token at position start_pos + i; column j is cached position j. Entries are 0 where
+    attention is allowed and -inf where j > start_pos + i, so softmax gives those keys weight 0.
+
+    Meta builds this with torch.triu on a matrix full of -inf. On Apple's MPS backend that returned
+    NaN instead of 0 below the diagonal (pytorch issue #100005: the kernel computed the dropped part as
+    -inf - (-inf)), and one NaN in a row of scores makes the whole row NaN after softmax. Comparing
+    position indices builds the same mask without that kernel, on any device.
+    """
+    query_positions = torch.arange(start_pos, start_pos + seq, device=device)[:, None]  # (seq, 1)
+    key_positions = torch.arange(start_pos + seq, device=device)[None, :]  # (1, kv_len)
+    mask = torch.zeros(seq, start_pos + seq, device=device)
+    return mask.masked_fill(key_positions > query_positions, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention with a KV cache
+# ------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention that remembers past keys and values.
+
+    The KV cache: generating token t needs the keys and values of tokens 0..t-1. They do not change
+    once computed, so each layer stores them in `cache_k` / `cache_v`, and a decode step feeds only
+    the one new token (start_pos = its position) instead of recomputing the whole sequence.
+
+    Grouped-query attention: there are fewer key/value heads than query heads; each key/value head
+    serves n_rep consecutive query heads (Llama 3.2 1B: 32 query heads, 8 kv heads, n_rep = 4), which
+    shrinks the cache by n_rep.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        model_parallel_size = get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // model_parallel_size
+        self.n_local_kv_heads = args.n_kv_heads // model_parallel_size
+        self.n_rep = args.n_rep
+        self.head_dim = args.head_dim
+        q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        # Column-parallel: each process computes a slice of the heads. Row-parallel: each process
+        # projects its heads back to `dim`, and fairscale sums the partial results.
+        common = dict(bias=False, init_method=_keep_uninitialised)
+        self.wq = ColumnParallelLinear(args.dim, q_width, gather_output=False, **common)
+        self.wk = ColumnParallelLinear(args.dim, kv_width, gather_output=False, **common)
+        self.wv = ColumnParallelLinear(args.dim, kv_width, gather_output=False, **common)
+        self.wo = RowParallelLinear(q_width, args.dim, input_is_parallel=True, **common)
+        # Buffers (so `.to()` moves and casts them) but not persistent (they are not in checkpoints).
+        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (batch, seq, dim)
+        start_pos: int,
+        cos: torch.Tensor,  # (seq, head_dim/2)
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],  # (seq, kv_len) or None for a single token
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # values carry no position
+
+        # Write this call's keys/values at their positions, then read everything so far.
+        end_pos = start_pos + seq
+        self.cache_k[:batch, start_pos:end_pos] = k
+        self.cache_v[:batch, start_pos:end_pos] = v
+        keys = self.cache_k[:batch, :end_pos].transpose(1, 2)  # (batch, n_kv_heads, kv_len, head_dim)
+        values = self.cache_v[:batch, :end_pos].transpose(1, 2)
+
+        # Put the n_rep query heads of each group one after another along the sequence axis, so one
+        # batched matmul against the group's single key head serves all of them, with no copy of the
+        # keys (Meta's code copies each kv head n_rep times instead).
+        q = q.transpose(1, 2)  # (batch, n_heads, seq, head_dim)
+        q = q.reshape(batch, self.n_local_kv_heads, self.n_rep * seq, self.head_dim)
+
+        # Scaled by 1/sqrt(head_dim) so the scores' spread does not grow with the head size.
+        scores = q @ keys.transpose(2, 3) / math.sqrt(self.head_dim)  # (batch, n_kv, n_rep*seq, kv_len)
+        if mask is not None:
+            scores = (scores.unflatten(2, (self.n_rep, seq)) + mask).flatten(2, 3)
+        # Softmax in float32: exponentials of bfloat16 scores would round probabilities coarsely.
+        probs = F.softmax(scores.float(), dim=-1).type_as(q)
+        out = probs @ values  # (batch, n_kv_heads, n_rep*seq, head_dim)
+
+        out = out.reshape(batch, self.n_local_heads, seq, self.head_dim).transpose(1, 2)
+        return self.wo(out.reshape(batch, seq, self.n_local_heads * self.head_dim))  # (batch, seq, dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feed-forward (SwiGLU)
+# ------------------------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """w2( silu(w1 x) * w3 x ): a gated MLP. w1 decides how much of each hidden unit of w3 passes."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        common = dict(bias=False, init_method=_keep_uninitialised)
+        self.w1 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, gather_output=False, **common)
+        self.w3 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, gather_output=False, **common)
+        self.w2 = RowParallelLinear(args.ffn_hidden_dim, args.dim, input_is_parallel=True, **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, seq, dim) -> same
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # hidden: (batch, seq, ffn_hidden_dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# The transformer
+# ------------------------------------------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: each sub-layer reads a normalised copy and adds its result back."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, start_pos, cos, sin, mask):  # (batch, seq, dim) -> same
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """`model(tokens, start_pos)` -> float32 logits (batch, seq, vocab) for every position.
+
+    Prefill: call once with the whole prompt and start_pos=0. Decode: call with one new token per
+    sequence, (batch, 1), and start_pos = the number of tokens already in the cache.
+
+    Build it under `torch.device(...)` and with `torch.set_default_dtype(...)` to choose where the
+    KV cache lives and its dtype; `llama_models.llama3.checkpoint.load_llama` does this for you.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep_uninitialised)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep_uninitialised)
+        # A plain attribute, not a buffer: `model.to(torch.bfloat16)` must not round the angles.
+        self.rope_cos, self.rope_sin = rope_cos_sin(args)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        batch, seq = tokens.shape
+        self._check_fits_cache(batch, seq, start_pos)
+        h = self.tok_embeddings(tokens)  # (batch, seq, dim)
+
+        if self.rope_cos.device != h.device:  # first call after the model moved device
+            self.rope_cos, self.rope_sin = self.rope_cos.to(h.device), self.rope_sin.to(h.device)
+        cos = self.rope_cos[start_pos : start_pos + seq]  # (seq, head_dim/2)
+        sin = self.rope_sin[start_pos : start_pos + seq]
+        # A single new token may attend to everything cached, so decode steps need no mask.
+        mask = causal_mask(seq, start_pos, h.device).to(h.dtype) if seq > 1 else None
+
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin, mask)
+        return self.output(self.norm(h)).float()  # (batch, seq, vocab)
+
+    def _check_fits_cache(self, batch: int, seq: int, start_pos: int):
+        if start_pos + seq > self.args.max_seq_len:
+            raise LlamaError(
+                f"positions {start_pos}..{start_pos + seq - 1} do not fit the KV cache of "
+                f"max_seq_len={self.args.max_seq_len}: shorten the prompt or load with a larger max_seq_len"
+            )
+        if batch > self.args.max_batch_size:
+            raise LlamaError(
+                f"batch of {batch} sequences exceeds max_batch_size={self.args.max_batch_size}: "
+                "load with a larger max_batch_size"
+            )

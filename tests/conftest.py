@@ -1,0 +1,19 @@
+"""Shared fixtures: tiny random checkpoints written once per test session into a temporary folder."""
+
+import pytest
+
+from checkpoints import TINY_SHAPES, write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint("gqa4") -> folder with a random checkpoint of that shape (written once)."""
+    written = {}
+
+    def make(shape_name: str = "gqa4"):
+        if shape_name not in written:
+            folder = tmp_path_factory.mktemp(f"ckpt-{shape_name}")
+            written[shape_name] = write_checkpoint(folder, TINY_SHAPES[shape_name], seed=len(written))
+        return written[shape_name]
+
+    return make

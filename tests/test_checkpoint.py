@@ -1,0 +1,201 @@
+"""Loading checkpoints: what gets fixed quietly, and a one-line error for everything that cannot be."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from checkpoints import TINY_SHAPES, folder_snapshot, write_checkpoint
+from llama_models.llama3 import LlamaError, ModelArgs, load_llama
+from llama_models.llama3.checkpoint import resolve_device
+from tokenizer_files import write_byte_level_tokenizer
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint, tmp_path):
+    """A private copy of a tiny checkpoint that a test may damage."""
+    return shutil.copytree(tiny_checkpoint("gqa3"), tmp_path / "Llama-tiny")
+
+
+def load_error(folder, **kwargs) -> str:
+    """Load `folder`, expect a LlamaError, check it is one line and nothing changed on disk."""
+    before = folder_snapshot(folder) if folder.is_dir() else None
+    with pytest.raises(LlamaError) as error:
+        load_llama(folder, **kwargs)
+    message = str(error.value)
+    assert "\n" not in message
+    if before is not None:
+        assert folder_snapshot(folder) == before
+    return message
+
+
+# --- quiet fixes --------------------------------------------------------------------------------
+
+
+def test_missing_output_weight_reuses_the_embedding(tiny_checkpoint):
+    model, _ = load_llama(tiny_checkpoint("gqa4"))  # written without output.weight, like tied 3.2 files
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+def test_stray_rope_freqs_tensor_is_dropped(checkpoint_copy):
+    path = checkpoint_copy / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["rope.freqs"] = torch.ones(8)
+    torch.save(state_dict, path)
+    model, _ = load_llama(checkpoint_copy, dtype=torch.float32)
+    assert "rope.freqs" not in model.state_dict()
+
+
+def memory_mapped_ranges(file_name: str) -> list[range]:
+    """Address ranges where this process has mapped a file with that name (Linux)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(file_name):
+            start, end = (int(address, 16) for address in line.split()[0].split("-"))
+            ranges.append(range(start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_weights_are_used_in_place_without_a_copy(tiny_checkpoint):
+    """bfloat16 on the CPU: the parameters live inside the memory-mapped file, not in copies."""
+    model, _ = load_llama(tiny_checkpoint("gqa1"), dtype=torch.bfloat16)
+    mapped = memory_mapped_ranges("consolidated.00.pth")
+    for name, weight in model.named_parameters():
+        assert any(weight.data_ptr() in addresses for addresses in mapped), name
+
+
+def test_kv_cache_is_sized_and_typed_as_asked(tiny_checkpoint):
+    model, _ = load_llama(tiny_checkpoint("gqa4"), dtype=torch.float32, max_seq_len=48, max_batch_size=3)
+    shape = TINY_SHAPES["gqa4"]
+    cache = model.layers[0].attention.cache_k
+    assert cache.shape == (3, 48, shape["n_kv_heads"], shape["dim"] // shape["n_heads"])
+    assert cache.dtype == torch.float32
+
+
+# --- bad folders and files ----------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    message = load_error(tmp_path / "Llama3.2-1B-Instruct")
+    assert "Llama3.2-1B-Instruct" in message and "not found" in message
+
+
+@pytest.mark.parametrize("name", ["params.json", "tokenizer.model", "consolidated.00.pth"])
+def test_missing_file(checkpoint_copy, name):
+    (checkpoint_copy / name).unlink()
+    message = load_error(checkpoint_copy)
+    assert ("params.json" if name == "params.json" else name.split(".")[0]) in message
+    assert "download" in message
+
+
+def test_invalid_json(checkpoint_copy):
+    (checkpoint_copy / "params.json").write_text('{"dim": 96,')
+    assert "params.json is not valid JSON" in load_error(checkpoint_copy)
+
+
+def test_params_that_do_not_match_the_weights(checkpoint_copy):
+    params = json.loads((checkpoint_copy / "params.json").read_text())
+    params["n_kv_heads"] = params["n_heads"]  # wk/wv in the file are narrower than this implies
+    (checkpoint_copy / "params.json").write_text(json.dumps(params))
+    message = load_error(checkpoint_copy)
+    assert "layers.0.attention.wk.weight" in message and "different models" in message
+
+
+def test_more_layers_in_params_than_in_the_file(checkpoint_copy):
+    params = json.loads((checkpoint_copy / "params.json").read_text())
+    params["n_layers"] += 1
+    (checkpoint_copy / "params.json").write_text(json.dumps(params))
+    message = load_error(checkpoint_copy)
+    assert f"layers.{params['n_layers'] - 1}." in message
+
+
+def test_truncated_weights_file(checkpoint_copy):
+    path = checkpoint_copy / "consolidated.00.pth"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    message = load_error(checkpoint_copy)
+    assert "consolidated.00.pth could not be read" in message and "download it again" in message
+
+
+def test_file_that_is_not_a_pytorch_checkpoint(checkpoint_copy):
+    (checkpoint_copy / "consolidated.00.pth").write_text("<html>Access denied</html>")
+    assert "consolidated.00.pth could not be read" in load_error(checkpoint_copy)
+
+
+def test_tokenizer_from_another_model(checkpoint_copy):
+    write_byte_level_tokenizer(checkpoint_copy / "tokenizer.model", merges=[b"ab"])
+    message = load_error(checkpoint_copy)
+    assert "vocab_size=512" in message and "513 tokens" in message
+
+
+def test_damaged_tokenizer_file(checkpoint_copy):
+    (checkpoint_copy / "tokenizer.model").write_text("not base64 at all\n")
+    assert "tokenizer.model" in load_error(checkpoint_copy)
+
+
+def test_multi_shard_checkpoint_names_the_torchrun_command(checkpoint_copy):
+    shutil.copyfile(checkpoint_copy / "consolidated.00.pth", checkpoint_copy / "consolidated.01.pth")
+    assert "torchrun --nproc-per-node 2" in load_error(checkpoint_copy)
+
+
+@pytest.mark.parametrize("extra", [{"quantization_args": {"group_size": 256}}, {"vision_chunk_size": 560}])
+def test_quantized_and_vision_checkpoints_are_refused(checkpoint_copy, extra):
+    params = json.loads((checkpoint_copy / "params.json").read_text())
+    (checkpoint_copy / "params.json").write_text(json.dumps(params | extra))
+    assert "not run" in load_error(checkpoint_copy)
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tpu", "gpu", "cuda:x"])
+def test_unknown_device(tiny_checkpoint, name):
+    assert "device" in load_error(tiny_checkpoint("gqa1"), device=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_cuda(tiny_checkpoint):
+    assert "not available" in load_error(tiny_checkpoint("gqa1"), device="cuda")
+
+
+def test_auto_device_picks_an_available_one():
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+
+
+# --- ModelArgs ----------------------------------------------------------------------------------
+
+# (dim, multiple_of, ffn_dim_multiplier) of Meta's models and their FFN width, from the facts file.
+REAL_FFN_WIDTHS = [
+    ((4096, 1024, 1.3), 14336),  # 3.1 8B
+    ((2048, 256, 1.5), 8192),  # 3.2 1B
+    ((3072, 256, 1.0), 8192),  # 3.2 3B
+    ((8192, 4096, 1.3), 28672),  # 70B
+    ((16384, 4096, 1.2), 53248),  # 405B
+]
+
+
+@pytest.mark.parametrize("shape, width", REAL_FFN_WIDTHS)
+def test_feed_forward_width_of_real_models(shape, width):
+    dim, multiple_of, multiplier = shape
+    args = ModelArgs(dim=dim, n_heads=dim // 128, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+    assert args.ffn_hidden_dim == width
+
+
+def test_rope_scale_factor_is_32_for_llama_3_2_small_models_and_8_otherwise():
+    assert ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8).rope_scale_factor == 32
+    assert ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8).rope_scale_factor == 32
+    assert ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8).rope_scale_factor == 8
+    assert ModelArgs(dim=2048, n_layers=16, n_heads=32, rope_scale_factor=8).rope_scale_factor == 8
+
+
+def test_unknown_params_fields_are_ignored():
+    args = ModelArgs.from_params({"dim": 64, "n_heads": 4, "n_layers": 2, "some_future_field": 1}, max_seq_len=32)
+    assert (args.dim, args.head_dim, args.n_kv_heads, args.max_seq_len) == (64, 16, 4, 32)
+
+
+@pytest.mark.parametrize("params", [{"dim": 64, "n_heads": 5}, {"dim": 64, "n_heads": 4, "n_kv_heads": 3}])
+def test_inconsistent_head_counts(params):
+    with pytest.raises(LlamaError, match="not divisible"):
+        ModelArgs.from_params(params)
