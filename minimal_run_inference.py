@@ -1,0 +1,83 @@
+"""The shortest complete way to run a Llama 3.x checkpoint. run_inference.py tells the same stages in full."""
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel.initialize import initialize_model_parallel
+
+from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, Transformer
+from llama_models.llama3.checkpoint import resolve_device
+
+# 1. Settings
+MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR ("Instruct" in the name: chat prompt)
+LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama model download` puts checkpoints
+INPUT_STRING = "Explain in two sentences why the sky is blue."  # the prompt
+DEVICE = "auto"  # "auto", "cpu", "cuda" or "mps"
+MAX_NEW_TOKENS = 128  # stop after this many tokens unless the model ends its answer first
+
+
+def main():
+    folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME)
+    if not (folder / "params.json").is_file():
+        raise LlamaError(f"no checkpoint at {folder}: set MODEL_NAME and LLAMA_MODELS_DIR (or LLAMA_CHECKPOINT_DIR)")
+    device = resolve_device(DEVICE)
+
+    # 2. Start torch.distributed and fairscale (a group of one process)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    initialize_model_parallel(1)
+
+    # 3. Read params.json
+    params = ModelArgs.from_json_file(folder / "params.json")
+
+    # 4. Tokenize the prompt
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    if not INPUT_STRING.strip():
+        raise LlamaError("INPUT_STRING is empty: write a prompt")
+    if "instruct" in folder.name.lower():
+        prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": INPUT_STRING}])
+    else:
+        prompt = tokenizer.encode(INPUT_STRING, bos=True, eos=False)
+
+    context = 131072 if params.use_scaled_rope else 8192  # trained context: 128k for Llama 3.1+, 8k before
+    if len(prompt) + MAX_NEW_TOKENS > context:
+        raise LlamaError(f"the prompt ({len(prompt)} tokens) leaves no room to answer in {context}: shorten it")
+
+    # 5. Build the Transformer, its KV cache sized for this prompt and answer
+    args = dataclasses.replace(params, max_seq_len=len(prompt) + MAX_NEW_TOKENS)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = Transformer(args)
+
+    # 6. Load the weights (memory-mapped: no copy on the CPU)
+    weights = torch.load(folder / "consolidated.00.pth", mmap=True, weights_only=True)
+    weights.setdefault("output.weight", weights["tok_embeddings.weight"])  # 3.2 1B/3B may share one matrix
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.to(device)
+
+    # 7. Decode: prefill the prompt once, then one token per step through the KV cache
+    started = time.perf_counter()
+    logits = model(torch.tensor([prompt], device=device), start_pos=0)
+    decoder, generated = StreamingDecoder(tokenizer), []
+    while len(generated) < MAX_NEW_TOKENS:
+        token = int(logits[0, -1].argmax())
+        if token in tokenizer.stop_tokens:
+            break
+        generated.append(token)
+        print(decoder.push(token), end="", flush=True)
+        logits = model(torch.tensor([[token]], device=device), start_pos=len(prompt) + len(generated) - 1)
+
+    # 8. Report
+    print(decoder.flush())
+    print(f"\n{len(generated)} tokens at {len(generated) / (time.perf_counter() - started):.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LlamaError as error:
+        sys.exit(f"error: {error}")

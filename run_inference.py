@@ -1,0 +1,427 @@
+"""Run a Llama 3.x checkpoint and watch every step: text -> tokens -> logits -> tokens -> text.
+
+    python run_inference.py                       # edit the settings below first
+    torchrun --nproc-per-node 8 run_inference.py  # a checkpoint with 8 shards (70B), one per process
+
+The settings at the top are the whole interface. The file then reads top to bottom in chapters, the
+same stages as minimal_run_inference.py, with the explanations that one leaves out:
+
+    1. Settings                      5. Build the Transformer
+    2. Start torch.distributed       6. Load the weights
+    3. Read params.json              7. Decode: greedy, beam search, sampling (prefill + KV cache)
+    4. Tokenize the prompt           8. Report, and main()
+"""
+
+import base64
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer
+from llama_models.llama3.checkpoint import (
+    build_model,
+    find_checkpoint_files,
+    init_model_parallel,
+    load_tokenizer,
+    load_weights,
+    resolve_device,
+    resolve_dtype,
+    shard_for_this_process,
+)
+
+# ================================================================================================
+# 1. Settings
+# ================================================================================================
+
+MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR, as `llama model download` names it
+LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where Meta's downloader puts checkpoints
+# The environment variable LLAMA_CHECKPOINT_DIR, when set, names the checkpoint folder directly.
+INPUT_STRING = "Explain in two sentences why the sky is blue."
+SYSTEM_PROMPT = None  # instruct models only: e.g. "You are a concise assistant." (None: no system message)
+IS_INSTRUCT = None  # None: an instruct model if "Instruct" is in the folder name; True/False to override
+
+DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1" or "mps"
+DTYPE = None  # None: bfloat16 where the device has it, else float16; or "float32", "bfloat16", "float16"
+
+DECODING = "greedy"  # "greedy", "beam" or "sample"
+MAX_NEW_TOKENS = 128  # stop after this many generated tokens, if no stop token came first
+BEAM_WIDTH = 4  # beam search: hypotheses kept at each step
+LENGTH_PENALTY = 1.0  # beam search: score = log-probability / length**LENGTH_PENALTY
+TEMPERATURE = 0.6  # sampling: below 1 sharpens the distribution, above 1 flattens it (Meta's default)
+TOP_P = 0.9  # sampling: draw only from the smallest set of tokens holding this much probability
+SEED = 1  # sampling: the same seed gives the same text
+
+SHOW_TOKENS = False  # print a table of every prompt and generated token instead of streaming text
+
+
+# ================================================================================================
+# 2. Start torch.distributed and fairscale
+# ================================================================================================
+# The model's linear layers come from fairscale's model-parallel package, built for checkpoints too
+# large for one device: Meta's 70B is saved as 8 shards, one per GPU. Each process owns a slice of
+# every big matrix (column-parallel layers a block of output rows, row-parallel layers a block of
+# input columns) and the processes exchange partial results through torch.distributed after each
+# such layer. Even with a single process the layers ask "which process am I, out of how many?", so a
+# process group must exist; `init_model_parallel` creates one of size 1 when the script is started
+# with plain `python`, and joins torchrun's group otherwise.
+
+
+def start_processes(device: torch.device) -> bool:
+    """Returns True in the process that prints (rank 0); the others compute silently."""
+    init_model_parallel(device)
+    return dist.get_rank() == 0
+
+
+# ================================================================================================
+# 3. Read params.json
+# ================================================================================================
+# params.json holds the model's shape, e.g. Llama 3.2 1B: {"dim": 2048, "n_layers": 16, "n_heads": 32,
+# "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5, "multiple_of": 256,
+# "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": true}. It says nothing about how long
+# a text may get: that is our choice (max_seq_len), made once the prompt is known (chapter 5).
+
+
+def checkpoint_folder() -> Path:
+    folder = os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise LlamaError(
+            f"no checkpoint folder at {folder}: set MODEL_NAME and LLAMA_MODELS_DIR at the top of "
+            f"{Path(__file__).name}, or the LLAMA_CHECKPOINT_DIR environment variable"
+        )
+    return folder
+
+
+def is_instruct(folder: Path) -> bool:
+    return IS_INSTRUCT if IS_INSTRUCT is not None else "instruct" in folder.name.lower()
+
+
+def trained_context_length(args: ModelArgs) -> int:
+    """Llama 3.1 and later (scaled RoPE) were trained up to 128k tokens; the April 2024 Llama 3 to 8k."""
+    return 131072 if args.use_scaled_rope else 8192
+
+
+# ================================================================================================
+# 4. Tokenize the prompt
+# ================================================================================================
+# The model reads integers. tokenizer.model lists 128,000 byte strings, one per line, as base64 and a
+# rank: "IQ== 0" is b"!" with id 0, "IGhlbGxv 24748" is b" hello" (with its leading space) with id
+# 24748. Byte-pair encoding cuts text into the longest such pieces. After the 128,000 come 256 special
+# tokens that no text produces, only code: <|begin_of_text|> starts every prompt; an instruct model
+# sees each chat message as <|start_header_id|>role<|end_header_id|>\n\ntext<|eot_id|>, and answers
+# after an empty assistant header, ending its turn with <|eot_id|> (end of turn).
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, instruct: bool) -> list:
+    if not text.strip():
+        raise LlamaError("INPUT_STRING is empty: write a prompt at the top of the script")
+    if not instruct:  # a base model simply continues the text
+        return tokenizer.encode(text, bos=True, eos=False)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if SYSTEM_PROMPT else []
+    messages.append({"role": "user", "content": text})
+    return ChatFormat(tokenizer).encode_dialog_prompt(messages)
+
+
+def show_tokenizer_file(tokenizer_path: Path, n_lines: int = 3) -> None:
+    """Print the first lines of tokenizer.model with the bytes their base64 stands for."""
+    print(f"{tokenizer_path.name} holds lines of '<base64 of the token's bytes> <rank = token id>':")
+    with open(tokenizer_path) as file:
+        for line, _ in zip(file, range(n_lines)):
+            encoded, rank = line.split()
+            print(f"    {line.strip():<24} -> id {rank:>6} = {base64.b64decode(encoded)!r}")
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token as text, or as raw bytes when it holds only part of a multi-byte character."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
+
+def show_prompt_tokens(tokenizer: Tokenizer, prompt: list) -> None:
+    print(f"{'position':>8}  {'id':>6}  token")
+    for position, token in enumerate(prompt):
+        print(f"{position:>8}  {token:>6}  {token_text(tokenizer, token)}")
+
+
+# ================================================================================================
+# 5. Build the Transformer
+# ================================================================================================
+# max_seq_len and max_batch_size size the KV cache (chapter 7): every layer keeps, for every sequence
+# and position, a key and a value vector per key/value head. We size it for this prompt plus the
+# answer, not a round default: Meta's example scripts preallocated 32 sequences x 2048 positions
+# (0.5 GB for 1B in float32), which costs nothing on a CPU until written (the OS hands out pages
+# lazily) but is real memory at once on an MPS or CUDA GPU.
+
+
+def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> ModelArgs:
+    context = trained_context_length(params)
+    if prompt_length >= context:
+        raise LlamaError(
+            f"the prompt is {prompt_length} tokens but the model's context is {context}: shorten INPUT_STRING"
+        )
+    max_seq_len = min(prompt_length + MAX_NEW_TOKENS, context)
+    return dataclasses.replace(params, max_seq_len=max_seq_len, max_batch_size=batch_size)
+
+
+# ================================================================================================
+# 6. Load the weights
+# ================================================================================================
+# consolidated.00.pth is a dict of bfloat16 tensors named like the model's modules
+# ("layers.0.attention.wq.weight"). `load_weights` memory-maps it and hands those very tensors to the
+# model (load_state_dict(assign=True)), so on the CPU the weights are pages of the file, read from disk
+# when first used, and never copied. See llama_models/llama3/checkpoint.py.
+
+
+# ================================================================================================
+# 7. Decode
+# ================================================================================================
+# The model maps tokens (batch, seq) to logits (batch, seq, vocab): for every position, a score for
+# every possible next token. Generation is a loop: pick a next token from the last position's
+# logits, append it, repeat.
+#
+# Prefill and the KV cache: attention at position t needs the keys and values of all earlier
+# positions. Those never change, so each layer caches them. The first call (prefill) runs the whole
+# prompt at once with start_pos=0 and fills the cache; every later call feeds only the one new token
+# with start_pos = its position, and attends to the cache. Each step then costs the same, instead of
+# growing with the text. The mask: during prefill, position i must not see positions after i (they
+# are the future it is predicting); a single new token has no future in the cache, so it needs none.
+#
+# Softmax turns logits into probabilities. It is taken in float32 (`.float()`): in bfloat16 (3
+# significant digits) small probabilities round to 0 and large ones lose the differences that
+# separate the top candidates.
+
+
+def prompt_tensor(model, tokens: list) -> torch.Tensor:
+    return torch.tensor([tokens], device=model.output.weight.device)  # (1, seq)
+
+
+def greedy_decode(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset()):
+    """Yield (token, probability) pairs, always taking the most likely next token."""
+    logits = model(prompt_tensor(model, prompt_tokens), start_pos=0)[0, -1]  # prefill; (vocab,)
+    position = len(prompt_tokens)
+    for _ in range(max_new_tokens):
+        probs = torch.softmax(logits.float(), dim=-1)
+        token = int(probs.argmax())
+        if token in stop_tokens:
+            return
+        yield token, float(probs[token])
+        logits = model(prompt_tensor(model, [token]), start_pos=position)[0, -1]  # one token; (vocab,)
+        position += 1
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the most likely tokens whose probabilities add up to top_p, and renormalise.
+
+    Sorted from most to least likely, a token is kept if the tokens before it hold less than top_p,
+    so the token that crosses top_p is kept and the most likely token always is.
+    Example: [0.5, 0.3, 0.15, 0.05] with top_p 0.9 keeps the first three.
+    """
+    sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs[mass_before > top_p] = 0.0
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum()
+
+
+def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset(),
+           temperature: float = 0.6, top_p: float = 0.9, seed: int = 1):
+    """Yield (token, probability) pairs drawn at random from the temperature-scaled, top-p-cut
+    distribution. The probability reported is the token's in that distribution."""
+    if temperature <= 0:  # no randomness left: the most likely token every time
+        yield from greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens)
+        return
+    logits = model(prompt_tensor(model, prompt_tokens), start_pos=0)[0, -1]
+    generator = torch.Generator(device=logits.device).manual_seed(seed)
+    position = len(prompt_tokens)
+    for _ in range(max_new_tokens):
+        probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
+        token = int(torch.multinomial(probs, num_samples=1, generator=generator))
+        if token in stop_tokens:
+            return
+        yield token, float(probs[token])
+        logits = model(prompt_tensor(model, [token]), start_pos=position)[0, -1]
+        position += 1
+
+
+# Beam search keeps the BEAM_WIDTH best partial answers ("beams") instead of one, and at each step
+# extends all of them by every possible token and keeps the best BEAM_WIDTH of the results, ranked by
+# total log-probability. All beams advance together as one batch: row b of the batch (and of every
+# layer's KV cache) is beam b, so one forward pass, one read of the weights, serves every beam.
+# When the survivors descend from other beams than the rows they occupy, the cache rows are
+# reordered to match. A beam that ends in a stop token leaves the batch as a finished hypothesis,
+# scored log-probability / length**length_penalty so long answers are not punished for being long;
+# the search ends when BEAM_WIDTH hypotheses have finished (or at max_new_tokens).
+#
+# (The scripts this project grew from called "beam search" BEAM_WIDTH separate greedy runs started
+# from the BEAM_WIDTH most likely first tokens. That explores only the first step: the runs never
+# compare with each other again, so a beam cannot be dropped for a better one.)
+#
+# The rules follow Hugging Face transformers' generate(num_beams=k, do_sample=False,
+# early_stopping=True), and the tests check that both give the same hypotheses.
+
+
+def reorder_kv_cache(model, parent_rows: torch.Tensor, length: int) -> None:
+    """Row b of every layer's cache becomes a copy of row parent_rows[b] (first `length` positions)."""
+    for layer in model.layers:
+        cache_k, cache_v = layer.attention.cache_k, layer.attention.cache_v
+        cache_k[: len(parent_rows), :length] = cache_k[parent_rows, :length]
+        cache_v[: len(parent_rows), :length] = cache_v[parent_rows, :length]
+
+
+def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int,
+                stop_tokens=frozenset(), length_penalty: float = 1.0) -> list:
+    """Return up to beam_width (tokens, score) pairs, best first. `tokens` are the generated ids
+    (ending with the stop token if the hypothesis finished); score = sum of log-probabilities /
+    len(tokens)**length_penalty. The model must be built with max_batch_size >= beam_width."""
+    logits = model(prompt_tensor(model, prompt_tokens), start_pos=0)[:, -1]  # (1 beam, vocab)
+    vocab_size = logits.shape[-1]
+    beam_scores = torch.zeros(1, device=logits.device)  # (beams,) summed log-probabilities
+    beam_tokens = [[]]  # the tokens each live beam has generated
+    finished = []  # (score, tokens), best first, at most beam_width
+    # Enough candidates that, even if every stop token is among them, beam_width remain to go on.
+    n_candidates = max(2, 1 + len(stop_tokens)) * beam_width
+
+    for length in range(1, max_new_tokens + 1):
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (beams, vocab)
+        totals = (beam_scores[:, None] + log_probs).flatten()  # (beams * vocab,)
+        top_totals, top_index = totals.topk(min(n_candidates, totals.numel()))
+        parents, tokens = top_index // vocab_size, top_index % vocab_size
+
+        survivors = []  # (parent beam, token, total) of the beams that go on
+        for rank, (parent, token, total) in enumerate(zip(parents.tolist(), tokens.tolist(), top_totals.tolist())):
+            ends = token in stop_tokens or length == max_new_tokens
+            if ends and rank < beam_width:  # only the best beam_width candidates may finish
+                finished.append((total / length**length_penalty, beam_tokens[parent] + [token]))
+            elif not ends and len(survivors) < beam_width:
+                survivors.append((parent, token, total))
+        finished = sorted(finished, key=lambda hypothesis: hypothesis[0], reverse=True)[:beam_width]
+        if len(finished) == beam_width or not survivors:
+            break
+
+        parent_rows = torch.tensor([parent for parent, _, _ in survivors], device=logits.device)
+        reorder_kv_cache(model, parent_rows, length=len(prompt_tokens) + length - 1)
+        beam_tokens = [beam_tokens[parent] + [token] for parent, token, _ in survivors]
+        beam_scores = torch.tensor([total for _, _, total in survivors], device=logits.device)
+        next_tokens = torch.tensor([[token] for _, token, _ in survivors], device=logits.device)  # (beams, 1)
+        logits = model(next_tokens, start_pos=len(prompt_tokens) + length - 1)[:, -1]  # (beams, vocab)
+
+    return [(tokens, score) for score, tokens in finished]
+
+
+# ================================================================================================
+# 8. Report, and main()
+# ================================================================================================
+
+
+def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer) -> None:
+    print(f"{step:>5}  {token:>6}  {probability:>7.2%}  {token_text(tokenizer, token)}")
+
+
+def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool):
+    """Print each (token, probability) as it arrives; return the tokens and the time of the first."""
+    if show_tokens:
+        print(f"{'step':>5}  {'id':>6}  {'prob':>7}  text")
+    decoder, tokens, first_token_time = StreamingDecoder(tokenizer), [], None
+    for token, probability in steps:
+        first_token_time = first_token_time or time.perf_counter()
+        tokens.append(token)
+        if show_tokens:
+            print_token_row(len(tokens), token, probability, tokenizer)
+        else:
+            print(decoder.push(token), end="", flush=True)
+    print(decoder.flush())
+    return tokens, first_token_time
+
+
+def print_beams(beams: list, tokenizer: Tokenizer) -> None:
+    for rank, (tokens, score) in enumerate(beams, start=1):
+        text = tokenizer.decode([token for token in tokens if token not in tokenizer.stop_tokens])
+        joint_log_prob = score * len(tokens) ** LENGTH_PENALTY
+        print(f"--- beam {rank}: log-probability {joint_log_prob:.3f}, score {score:.4f}, {len(tokens)} tokens")
+        print(text)
+
+
+def print_timing(prompt_length: int, generated: int, started: float, first_token: float, finished: float):
+    print(f"\nprompt: {prompt_length} tokens, generated: {generated} tokens")
+    if first_token is None:
+        return
+    print(f"prefill: {first_token - started:.2f} s ({prompt_length / (first_token - started):.1f} tokens/s)")
+    if generated > 1:  # the first token came from the prefill; the rest each took one decode step
+        print(f"decode: {(generated - 1) / (finished - first_token):.2f} tokens/s")
+
+
+def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> None:
+    stop_tokens = tokenizer.stop_tokens
+    started = time.perf_counter()
+    if DECODING == "beam":
+        beams = beam_search(model, prompt, BEAM_WIDTH, MAX_NEW_TOKENS, stop_tokens, LENGTH_PENALTY)
+        finished = time.perf_counter()
+        if is_main:
+            print_beams(beams, tokenizer)
+            steps = max(len(tokens) for tokens, _ in beams)
+            print(f"\nprompt: {len(prompt)} tokens, {steps} beam steps of width {BEAM_WIDTH} "
+                  f"in {finished - started:.2f} s ({steps / (finished - started):.2f} steps/s)")
+        return
+    if DECODING == "greedy":
+        steps = greedy_decode(model, prompt, MAX_NEW_TOKENS, stop_tokens)
+    else:
+        steps = sample(model, prompt, MAX_NEW_TOKENS, stop_tokens, TEMPERATURE, TOP_P, SEED)
+    if not is_main:  # other ranks take part in every forward pass but print nothing
+        tokens, first_token = [token for token, _ in steps], None
+    else:
+        tokens, first_token = stream_tokens(steps, tokenizer, SHOW_TOKENS)
+    if is_main:
+        print_timing(len(prompt), len(tokens), started, first_token, time.perf_counter())
+
+
+def run() -> None:
+    if DECODING not in ("greedy", "beam", "sample"):
+        raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
+    device = resolve_device(DEVICE)  # 1. settings
+    dtype = resolve_dtype(DTYPE, device)
+    folder = checkpoint_folder()
+    files = find_checkpoint_files(folder)
+
+    is_main = start_processes(device)  # 2. start torch.distributed and fairscale
+    params = ModelArgs.from_json_file(files.params)  # 3. read params.json
+
+    tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
+    prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(folder))
+    if is_main and SHOW_TOKENS:
+        show_tokenizer_file(files.tokenizer)
+        show_prompt_tokens(tokenizer, prompt)
+
+    batch_size = BEAM_WIDTH if DECODING == "beam" else 1  # 5. build the Transformer
+    args = model_args_for(params, len(prompt), batch_size)
+    model = build_model(args, device, dtype)
+
+    load_started = time.perf_counter()  # 6. load the weights
+    load_weights(model, shard_for_this_process(files), device, dtype)
+    if is_main:
+        print(f"{folder.name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
+              f"loaded in {time.perf_counter() - load_started:.1f} s\n")
+
+    generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 8. report
+
+
+def main() -> None:
+    try:
+        run()
+    except LlamaError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted")
+
+
+if __name__ == "__main__":
+    main()
