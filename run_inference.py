@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer
 from llama_models.llama3.checkpoint import (
     build_model,
+    end_model_parallel,
     find_checkpoint_files,
     init_model_parallel,
     load_tokenizer,
     load_weights,
     resolve_device,
     resolve_dtype,
-    shard_for_this_process,
 )
 
 # ================================================================================================
@@ -64,19 +64,30 @@ SHOW_TOKENS = False  # print a table of every prompt and generated token instead
 # ================================================================================================
 # 2. Start torch.distributed and fairscale
 # ================================================================================================
-# The model's linear layers come from fairscale's model-parallel package, built for checkpoints too
-# large for one device: Meta's 70B is saved as 8 shards, one per GPU. Each process owns a slice of
-# every big matrix (column-parallel layers a block of output rows, row-parallel layers a block of
-# input columns) and the processes exchange partial results through torch.distributed after each
-# such layer. Even with a single process the layers ask "which process am I, out of how many?", so a
-# process group must exist; `init_model_parallel` creates one of size 1 when the script is started
-# with plain `python`, and joins torchrun's group otherwise.
+# The model's linear layers come from fairscale's model-parallel package. Llama 3.x 70B is 141 GB in
+# bfloat16: no single GPU holds it, so `torchrun --nproc-per-node N` starts N processes (one per GPU,
+# on one machine or several) and each keeps 1/N of every large matrix. How a matrix is cut follows
+# from how it is used. Column-parallel layers (wq, wk, wv, w1, w3, output) are cut by rows, that is by
+# outputs: each process computes its own attention heads, feed-forward hidden units and vocabulary
+# scores without talking to the others. Row-parallel layers (wo, w2) are cut by columns, that is by
+# inputs: each process multiplies exactly the heads or hidden units it has just computed, and one
+# all-reduce adds the N partial results into the full vector. So a block costs two all-reduces, and
+# the output layer one all-gather of the vocabulary scores. The embedding is cut by vocabulary rows
+# (each process looks up the ids it owns, the others add zeros); the RMSNorm weights are tiny and
+# every process keeps them whole. A head is the unit of attention, so a process holds whole heads:
+# with more processes than the 8 key/value heads, each KV head is repeated. Meta saves one shard per
+# process (70B: 8 files); `load_weights` also cuts or glues shards when N differs (sharding.py).
+# Every process ends with the same logits, so all pick the same next token; only rank 0 prints.
+#
+# Even with a single process the layers ask "which process am I, out of how many?", so a process
+# group must exist: `init_model_parallel` creates a group of one when the script is started with
+# plain `python`, and joins torchrun's group otherwise.
 
 
-def start_processes(device: torch.device) -> bool:
-    """Returns True in the process that prints (rank 0); the others compute silently."""
-    init_model_parallel(device)
-    return dist.get_rank() == 0
+def start_processes(device: torch.device) -> tuple[torch.device, bool]:
+    """This process's device (under torchrun, "cuda" means its own GPU), and whether it prints (rank 0)."""
+    device = init_model_parallel(device)
+    return device, dist.get_rank() == 0
 
 
 # ================================================================================================
@@ -205,18 +216,32 @@ def prompt_tensor(model, tokens: list) -> torch.Tensor:
     return torch.tensor([tokens], device=model.output.weight.device)  # (1, seq)
 
 
-def greedy_decode(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset()):
-    """Yield (token, probability) pairs, always taking the most likely next token."""
+def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose):
+    """The generation loop of greedy decoding and sampling; `choose(logits)` picks the next token.
+
+    Yields (token, probability) pairs and stops before a stop token, or after max_new_tokens.
+    """
     logits = model(prompt_tensor(model, prompt_tokens), start_pos=0)[0, -1]  # prefill; (vocab,)
-    position = len(prompt_tokens)
-    for _ in range(max_new_tokens):
-        probs = torch.softmax(logits.float(), dim=-1)
-        token = int(probs.argmax())
+    position = len(prompt_tokens)  # where the next token goes in the KV cache
+    for step in range(max_new_tokens):
+        token, probability = choose(logits)
         if token in stop_tokens:
             return
-        yield token, float(probs[token])
-        logits = model(prompt_tensor(model, [token]), start_pos=position)[0, -1]  # one token; (vocab,)
-        position += 1
+        yield token, probability
+        if step + 1 < max_new_tokens:  # one more token is wanted: run the model on this one
+            logits = model(prompt_tensor(model, [token]), start_pos=position)[0, -1]  # (vocab,)
+            position += 1
+
+
+def most_likely(logits: torch.Tensor) -> tuple:
+    probs = torch.softmax(logits.float(), dim=-1)  # (vocab,)
+    token = int(probs.argmax())
+    return token, float(probs[token])
+
+
+def greedy_decode(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset()):
+    """Yield (token, probability) pairs, always taking the most likely next token."""
+    return decode_loop(model, prompt_tokens, max_new_tokens, stop_tokens, most_likely)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -236,21 +261,18 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset(),
            temperature: float = 0.6, top_p: float = 0.9, seed: int = 1):
     """Yield (token, probability) pairs drawn at random from the temperature-scaled, top-p-cut
-    distribution. The probability reported is the token's in that distribution."""
+    distribution; the probability is the token's in that distribution. Under torchrun every process
+    uses the same seed and sees the same logits, so all draw the same tokens."""
     if temperature <= 0:  # no randomness left: the most likely token every time
-        yield from greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens)
-        return
-    logits = model(prompt_tensor(model, prompt_tokens), start_pos=0)[0, -1]
-    generator = torch.Generator(device=logits.device).manual_seed(seed)
-    position = len(prompt_tokens)
-    for _ in range(max_new_tokens):
+        return greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens)
+    generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
+
+    def draw(logits: torch.Tensor) -> tuple:
         probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
         token = int(torch.multinomial(probs, num_samples=1, generator=generator))
-        if token in stop_tokens:
-            return
-        yield token, float(probs[token])
-        logits = model(prompt_tensor(model, [token]), start_pos=position)[0, -1]
-        position += 1
+        return token, float(probs[token])
+
+    return decode_loop(model, prompt_tokens, max_new_tokens, stop_tokens, draw)
 
 
 # Beam search keeps the BEAM_WIDTH best partial answers ("beams") instead of one, and at each step
@@ -362,9 +384,10 @@ def print_timing(prompt_length: int, generated: int, started: float, first_token
 
 def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> None:
     stop_tokens = tokenizer.stop_tokens
+    max_new_tokens = model.args.max_seq_len - len(prompt)  # MAX_NEW_TOKENS, or less near the context limit
     started = time.perf_counter()
     if DECODING == "beam":
-        beams = beam_search(model, prompt, BEAM_WIDTH, MAX_NEW_TOKENS, stop_tokens, LENGTH_PENALTY)
+        beams = beam_search(model, prompt, BEAM_WIDTH, max_new_tokens, stop_tokens, LENGTH_PENALTY)
         finished = time.perf_counter()
         if is_main:
             print_beams(beams, tokenizer)
@@ -373,9 +396,9 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
                   f"in {finished - started:.2f} s ({steps / (finished - started):.2f} steps/s)")
         return
     if DECODING == "greedy":
-        steps = greedy_decode(model, prompt, MAX_NEW_TOKENS, stop_tokens)
+        steps = greedy_decode(model, prompt, max_new_tokens, stop_tokens)
     else:
-        steps = sample(model, prompt, MAX_NEW_TOKENS, stop_tokens, TEMPERATURE, TOP_P, SEED)
+        steps = sample(model, prompt, max_new_tokens, stop_tokens, TEMPERATURE, TOP_P, SEED)
     if not is_main:  # other ranks take part in every forward pass but print nothing
         tokens, first_token = [token for token, _ in steps], None
     else:
@@ -392,7 +415,7 @@ def run() -> None:
     folder = checkpoint_folder()
     files = find_checkpoint_files(folder)
 
-    is_main = start_processes(device)  # 2. start torch.distributed and fairscale
+    device, is_main = start_processes(device)  # 2. start torch.distributed and fairscale
     params = ModelArgs.from_json_file(files.params)  # 3. read params.json
 
     tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
@@ -406,12 +429,13 @@ def run() -> None:
     model = build_model(args, device, dtype)
 
     load_started = time.perf_counter()  # 6. load the weights
-    load_weights(model, shard_for_this_process(files), device, dtype)
+    load_weights(model, files, device, dtype)
     if is_main:
         print(f"{folder.name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
 
     generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 8. report
+    end_model_parallel()  # close torch.distributed: a process that exits with it open may abort
 
 
 def main() -> None:

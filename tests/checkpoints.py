@@ -108,6 +108,16 @@ def write_checkpoint(
     return folder
 
 
+def memory_mapped_ranges(file_name: str) -> list[range]:
+    """Address ranges where this process has mapped a file whose path ends with `file_name` (Linux)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(file_name)):
+            start, end = (int(address, 16) for address in line.split()[0].split("-"))
+            ranges.append(range(start, end))
+    return ranges
+
+
 def folder_snapshot(folder: Path) -> dict:
     """{file name: (size, modification time)}: compare before and after to prove nothing changed."""
     return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(folder.iterdir())}

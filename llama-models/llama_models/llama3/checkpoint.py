@@ -4,12 +4,15 @@ A Meta checkpoint folder (e.g. ~/.llama/checkpoints/Llama3.2-1B-Instruct) holds:
 
     params.json          the model's shape (see args.py)
     tokenizer.model      the BPE vocabulary (see tokenizer.py)
-    consolidated.00.pth  the weights: a torch.save'd dict name -> bfloat16 tensor; 70B has 8 of them,
-                         one per model-parallel process (00 .. 07)
+    consolidated.00.pth  the weights: a torch.save'd dict name -> bfloat16 tensor; 70B has 8 of them
+                         (00 .. 07), each holding 1/8 of every matrix (see sharding.py)
 
-Loading keeps memory near one copy of the weights: the .pth file is memory-mapped (pages come from
+Loading keeps memory near one copy of the weights: the .pth files are memory-mapped (pages come from
 disk when first read), the model is built without weights of its own, and `load_state_dict(...,
 assign=True)` makes the mapped tensors the model's parameters instead of copying into them.
+
+Under torchrun, each of the N processes loads only its 1/N of every matrix (model parallelism); N
+need not equal the number of shard files (see sharding.py).
 
 The steps are small public functions so the scripts can show them one by one; `load_llama` runs them
 in order. Nothing here writes to the checkpoint folder.
@@ -18,7 +21,6 @@ in order. Nothing here writes to the checkpoint folder.
 import contextlib
 import io
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -29,6 +31,7 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError, ModelArgs
 from .model import Transformer
+from .sharding import args_for_model_parallel, check_world_size, local_state_dict
 from .tokenizer import Tokenizer
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
@@ -93,7 +96,7 @@ def _supports_bfloat16(device: torch.device) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def init_model_parallel(device: torch.device) -> None:
+def init_model_parallel(device: torch.device) -> torch.device:
     """Start torch.distributed and fairscale's model parallelism, unless someone already has.
 
     fairscale's layers ask "which process am I, and how many share the model?" even when the answer
@@ -101,7 +104,14 @@ def init_model_parallel(device: torch.device) -> None:
     and MASTER_PORT and we join its group; a plain `python script.py` gets a group of one, whose
     rendezvous is an in-memory store (no network port). NCCL talks between CUDA GPUs; gloo works
     everywhere else.
+
+    Returns the device this process computes on: "cuda" becomes the GPU numbered by torchrun's
+    LOCAL_RANK, so that the processes on one machine use one GPU each.
     """
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL communicates from the current GPU
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:
@@ -111,10 +121,43 @@ def init_model_parallel(device: torch.device) -> None:
     if not fairscale_parallel.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             fairscale_parallel.initialize_model_parallel(dist.get_world_size())
+    return device
+
+
+def end_model_parallel() -> None:
+    """Close torch.distributed at the end of a run, in every process.
+
+    A process that exits with its group still open can abort ("terminate called without an active
+    exception") while the other processes are closing their connections to it, and torchrun then
+    reports the run as failed: 7 of 12 two-process gloo runs did so here, none after this call.
+    Models built before cannot run afterwards: fairscale's layers look up the group at every call.
+    """
+    if fairscale_parallel.model_parallel_is_initialized():
+        fairscale_parallel.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def model_parallel_rank_and_size() -> tuple[int, int]:
     return fairscale_parallel.get_model_parallel_rank(), fairscale_parallel.get_model_parallel_world_size()
+
+
+def is_main_process() -> bool:
+    """True in the one process that should print: rank 0 under torchrun, or a process on its own."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Overwrite `tokens` in every process with rank 0's values, and return it.
+
+    All processes must feed the model the same tokens, or their slices stop fitting together. Greedy
+    decoding picks the same token everywhere (the output layer gathers the full logits in every
+    process), and sampling does too when every process seeds its random generator alike; sharing
+    rank 0's choice makes it certain. With NCCL, `tokens` must be on the process's GPU.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tokens, src=0)
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +170,10 @@ class CheckpointFiles:
     params: Path
     tokenizer: Path
     shards: list  # consolidated.00.pth, consolidated.01.pth, ... in order
+
+    @property
+    def folder(self) -> Path:
+        return self.params.parent
 
 
 def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
@@ -145,18 +192,6 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
     if not shards:
         raise LlamaError(f"no consolidated.*.pth weights in {folder}: the download is incomplete; download the model again")
     return CheckpointFiles(params, tokenizer, shards)
-
-
-def shard_for_this_process(files: CheckpointFiles) -> Path:
-    """Meta saves one shard per model-parallel process; process r reads shard r."""
-    rank, size = model_parallel_rank_and_size()
-    if len(files.shards) != size:
-        raise LlamaError(
-            f"{files.shards[0].parent} holds {len(files.shards)} weight shards but {size} process(es) are running: "
-            f"run it with `torchrun --nproc-per-node {len(files.shards)} ...` "
-            "(other process counts are not supported yet)"
-        )
-    return files.shards[rank]
 
 
 def load_tokenizer(path: Path, args: ModelArgs) -> Tokenizer:
@@ -178,7 +213,13 @@ def load_tokenizer(path: Path, args: ModelArgs) -> Tokenizer:
 
 
 def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """The Transformer with its KV cache on `device` in `dtype`, and no weights yet (see model.py)."""
+    """This process's share of the Transformer: its KV cache on `device` in `dtype`, no weights yet.
+
+    With more processes than key/value heads, each process gets a (repeated) head of its own, so the
+    model is built with n_kv_heads raised to the process count (see sharding.py).
+    """
+    _, world_size = model_parallel_rank_and_size()
+    args = args_for_model_parallel(args, world_size)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -186,21 +227,6 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
             return Transformer(args)
     finally:
         torch.set_default_dtype(previous_dtype)
-
-
-def read_shard(path: Path) -> dict:
-    """Memory-map one consolidated.NN.pth. `weights_only` refuses pickled code, only tensors load."""
-    try:
-        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LlamaError(
-            f"{path} could not be read as PyTorch weights ({reason}): "
-            "the file is truncated or not a checkpoint; download it again"
-        ) from None
-    if not isinstance(state_dict, dict):
-        raise LlamaError(f"{path} holds a {type(state_dict).__name__}, not a dict of tensors: it is not a Llama checkpoint")
-    return state_dict
 
 
 def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) -> dict:
@@ -232,9 +258,17 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
     return tensors
 
 
-def load_weights(model: Transformer, path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Make the checkpoint's tensors the model's parameters, converted only where needed."""
-    tensors = match_checkpoint_to_model(read_shard(path), model, path)
+def load_weights(model: Transformer, files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> None:
+    """Make this process's slices of the checkpoint's tensors the model's parameters.
+
+    One process reads every shard (merging them if there are several); under torchrun, process r of
+    N reads only its own slices (see sharding.py). Tensors are converted only where needed.
+    """
+    rank, world_size = model_parallel_rank_and_size()
+    check_world_size(model.args, len(files.shards), world_size, files.folder)
+    state_dict = local_state_dict(files.shards, rank, world_size, model.args)
+    weights = files.shards[0] if len(files.shards) == 1 else files.folder  # named in error messages
+    tensors = match_checkpoint_to_model(state_dict, model, weights)
     # On the CPU in the file's dtype, `.to` returns the memory-mapped tensor itself: no copy at all.
     # Tied matrices are converted once, so they stay one tensor on the device too.
     converted = {}
@@ -264,10 +298,9 @@ def load_llama(
     dtype = resolve_dtype(dtype, device)
     args = ModelArgs.from_json_file(files.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     tokenizer = load_tokenizer(files.tokenizer, args)
-    init_model_parallel(device)
-    if device.type == "cuda" and device.index is None:  # under torchrun, one GPU per local process
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    shard = shard_for_this_process(files)
+    device = init_model_parallel(device)
+    _, world_size = model_parallel_rank_and_size()
+    check_world_size(args, len(files.shards), world_size, files.folder)  # before building anything
     model = build_model(args, device, dtype)
-    load_weights(model, shard, device, dtype)
+    load_weights(model, files, device, dtype)
     return model, tokenizer

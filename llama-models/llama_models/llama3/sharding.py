@@ -1,0 +1,210 @@
+"""Model parallelism: which slice of every weight each process holds, cut from any number of shards.
+
+A model too big for one device (70B: 141 GB in bfloat16) runs as N processes started by torchrun,
+one per GPU, on one machine or several. Each process holds 1/N of every large matrix, and fairscale's
+layers (model.py) exchange the partial results. How a matrix is split follows from how it is used:
+
+    column-parallel   wq wk wv w1 w3 output   split the rows (dim 0, the outputs): each process
+                                              computes its own heads, hidden units or vocabulary scores
+    row-parallel      wo w2                   split the columns (dim 1, the inputs): each process reads
+                                              only the heads or hidden units it computed, and the
+                                              partial sums are added up across processes
+    vocabulary rows   tok_embeddings          split the rows (dim 0): each process looks up the token
+                                              ids it owns, the others contribute zeros
+    replicated        the RMSNorm weights     small vectors that every process needs whole
+
+Meta saves a model as S shards, consolidated.00.pth ... : shard s is exactly what process s of S
+holds. Here, any process count N that divides S, or that S divides, works:
+
+    N == S   process r uses shard r as it is
+    N <  S   process r glues its S/N neighbouring shards together (N = 1 merges the whole model)
+    N >  S   process r cuts its part out of one shard
+
+The shards are memory-mapped, so a process reads only the bytes of its own slices from disk, and
+never holds a whole unsharded matrix it does not need.
+
+Key/value heads: grouped-query attention gives Llama 3 only 8 KV heads, and a process cannot hold
+part of a head. With more processes than KV heads, each head is repeated, so that processes 2k and
+2k+1 of 16 both hold head k (Meta ships 405B for 16 GPUs this way); the model is then built with
+n_kv_heads = N, and each query head still meets the same keys and values as before.
+"""
+
+import math
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .args import LlamaError, ModelArgs
+
+# The dimension along which each weight is split across processes; weights not listed (the norms)
+# are replicated. Names are given without their "layers.{i}." prefix.
+SPLIT_DIM = {
+    "tok_embeddings.weight": 0,  # VocabParallelEmbedding: vocabulary rows
+    "attention.wq.weight": 0,  # ColumnParallelLinear: output features
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "output.weight": 0,
+    "attention.wo.weight": 1,  # RowParallelLinear: input features
+    "feed_forward.w2.weight": 1,
+}
+KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
+
+
+def without_layer_prefix(name: str) -> str:
+    """"layers.3.attention.wq.weight" -> "attention.wq.weight"; other names are returned as they are."""
+    if name.startswith("layers."):
+        return name.split(".", 2)[2]
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# Which process counts work
+# ------------------------------------------------------------------------------------------------
+
+
+def fits_world_size(args: ModelArgs, n_shards: int, world_size: int) -> bool:
+    """Can `world_size` processes share a checkpoint of this shape stored as `n_shards` shards?"""
+    shards_fit = n_shards % world_size == 0 or world_size % n_shards == 0
+    # Fewer processes than KV heads: each takes a whole number of heads. More: each head is repeated.
+    kv_heads_fit = args.n_kv_heads % world_size == 0 or world_size % args.n_kv_heads == 0
+    split_evenly = all(size % world_size == 0 for size in (args.n_heads, args.ffn_hidden_dim, args.vocab_size))
+    return shards_fit and kv_heads_fit and split_evenly
+
+
+def valid_world_sizes(args: ModelArgs, n_shards: int = 1) -> list[int]:
+    """The process counts that work (at most one query head per process). 70B, 8 shards: 1 2 4 ... 64."""
+    return [size for size in range(1, args.n_heads + 1) if fits_world_size(args, n_shards, size)]
+
+
+def check_world_size(args: ModelArgs, n_shards: int, world_size: int, folder: Path) -> None:
+    """Refuse, in one line naming the counts that work, a process count that does not fit."""
+    if not fits_world_size(args, n_shards, world_size):
+        sizes = ", ".join(str(size) for size in valid_world_sizes(args, n_shards))
+        raise LlamaError(
+            f"{folder} holds {n_shards} shard(s) of a model with {args.n_heads} query heads, which cannot be "
+            f"split {world_size} ways: use one of {sizes} processes (or shards)"
+        )
+
+
+def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
+    """The model's shape when `world_size` processes share it: KV heads repeated so that each has one.
+
+    Every process needs the same whole number of KV heads: the fewest heads that allows is the least
+    common multiple of n_kv_heads and N (n_kv_heads itself for N <= n_kv_heads, else N).
+    """
+    if not fits_world_size(args, 1, world_size):
+        sizes = ", ".join(str(size) for size in valid_world_sizes(args))
+        raise LlamaError(
+            f"a model with {args.n_heads} query heads and {args.n_kv_heads} key/value heads cannot be split "
+            f"{world_size} ways: use one of {sizes} processes"
+        )
+    return replace(args, n_kv_heads=math.lcm(args.n_kv_heads, world_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the shards
+# ------------------------------------------------------------------------------------------------
+
+
+def read_shard(path: Path) -> dict:
+    """Memory-map one consolidated.NN.pth. `weights_only` refuses pickled code, only tensors load."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LlamaError(
+            f"{path} could not be read as PyTorch weights ({reason}): "
+            "the file is truncated or not a checkpoint; download it again"
+        ) from None
+    if not isinstance(state_dict, dict):
+        raise LlamaError(f"{path} holds a {type(state_dict).__name__}, not a dict of tensors: it is not a Llama checkpoint")
+    return state_dict
+
+
+class ShardFiles:
+    """The consolidated.NN.pth files of a checkpoint, each memory-mapped the first time it is used."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self._mapped = {}  # shard index -> {name: tensor}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _shard(self, index: int) -> dict:
+        if index not in self._mapped:
+            self._mapped[index] = read_shard(self.paths[index])
+        return self._mapped[index]
+
+    def tensor_names(self, index: int) -> list[str]:
+        return [name for name, value in self._shard(index).items() if isinstance(value, torch.Tensor)]
+
+    def tensor(self, index: int, name: str) -> torch.Tensor:
+        shard = self._shard(index)
+        if name not in shard:
+            raise LlamaError(
+                f"{self.paths[index]} has no tensor {name!r} although other shards have: "
+                "the shards come from different downloads; download the model again"
+            )
+        return shard[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# One process's slices
+# ------------------------------------------------------------------------------------------------
+
+
+def local_state_dict(shard_paths: list[Path], rank: int, world_size: int, args: ModelArgs) -> dict:
+    """Process `rank`'s slice of every tensor, for `world_size` processes; {name: tensor}.
+
+    args: the shape of the model being loaded (from args_for_model_parallel, so n_kv_heads may exceed
+    the files' heads). Row slices are views into the memory-mapped files: nothing is copied or read
+    from disk until the tensor is used or converted.
+    """
+    shards = ShardFiles(shard_paths)
+    first_shard = rank * len(shards) // world_size  # the first (or only) shard this process reads
+    tensors = {}
+    for name in shards.tensor_names(first_shard):
+        role = without_layer_prefix(name)
+        if role in KV_WEIGHTS:
+            tensors[name] = kv_heads_for_rank(shards, name, rank, world_size, args)
+        elif role in SPLIT_DIM:
+            tensors[name] = slice_for_rank(shards, name, SPLIT_DIM[role], rank, world_size)
+        else:  # the norms: every shard has a copy. Unknown tensors too; the loader then refuses them.
+            tensors[name] = shards.tensor(first_shard, name)
+    return tensors
+
+
+def slice_for_rank(shards: ShardFiles, name: str, dim: int, rank: int, world_size: int) -> torch.Tensor:
+    """Process `rank`'s 1/world_size of tensor `name`, split along `dim` as if it were one tensor."""
+    n_shards = len(shards)
+    if world_size <= n_shards:  # this process's S/N shards, glued together (N == S: its own shard)
+        per_process = n_shards // world_size
+        pieces = [shards.tensor(index, name) for index in range(rank * per_process, (rank + 1) * per_process)]
+        return pieces[0] if per_process == 1 else torch.cat(pieces, dim)
+    per_shard = world_size // n_shards  # N/S processes share a shard: cut out this process's part
+    stored = shards.tensor(rank // per_shard, name)
+    size = stored.shape[dim] // per_shard
+    part = stored.narrow(dim, (rank % per_shard) * size, size)
+    # Rows (dim 0) are a contiguous view into the mapped file, and contiguous() returns them as they
+    # are. Columns (dim 1) are strided, and matrix products want compact rows: they are copied out,
+    # which reads only this process's columns.
+    return part.contiguous()
+
+
+def kv_heads_for_rank(shards: ShardFiles, name: str, rank: int, world_size: int, args: ModelArgs) -> torch.Tensor:
+    """Process `rank`'s key or value heads; repeated when there are more processes than heads.
+
+    args.n_kv_heads == N and the files hold fewer heads: each process gets one head, and the N/heads
+    processes that share a head are neighbours, so process r gets head r // (N/heads).
+    """
+    first_shard = rank * len(shards) // world_size
+    stored_heads = shards.tensor(first_shard, name).shape[0] * len(shards) // args.head_dim
+    if world_size > stored_heads and args.n_kv_heads == world_size:
+        return slice_for_rank(shards, name, 0, rank // (world_size // stored_heads), stored_heads)
+    # Otherwise a plain row block. If params.json disagrees with the files, the loader's shape check says so.
+    return slice_for_rank(shards, name, 0, rank, world_size)

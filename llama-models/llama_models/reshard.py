@@ -1,0 +1,176 @@
+"""Write a copy of a checkpoint split into N shards: `python -m llama_models.reshard SRC DST N`.
+
+    python -m llama_models.reshard ~/.llama/checkpoints/Llama3.3-70B-Instruct ~/llama-70b-mp2 2
+
+DST receives consolidated.00.pth ... in Meta's layout, where file r holds exactly the slices that
+process r of N loads (see llama3/sharding.py), plus params.json and tokenizer.model. SRC is only read.
+
+The loader already runs S shards on N processes when N divides S or S divides N, but then every
+process cuts or glues its slices at each start: memory holds copies instead of pages of the mapped
+file. With one file per process, loading copies nothing. N = 1 merges a checkpoint into one file.
+
+Key/value heads are repeated when N exceeds them (as the loader does), and copies that an earlier
+repetition made are dropped when N no longer needs them: 405B for 16 GPUs resharded to 8 gives
+Meta's 8-GPU layout, and 1 -> 4 -> 2 -> 1 gives back the original files' tensors bit for bit.
+
+Memory stays near one output shard: each output file is built from the memory-mapped inputs,
+written, and released before the next.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .llama3.args import LlamaError, ModelArgs
+from .llama3.checkpoint import find_checkpoint_files
+from .llama3.sharding import (
+    KV_WEIGHTS,
+    ShardFiles,
+    args_for_model_parallel,
+    check_world_size,
+    local_state_dict,
+    slice_for_rank,
+    without_layer_prefix,
+)
+
+
+def reshard(src: Path, dst: Path, n_shards: int) -> None:
+    """Write the checkpoint in folder `src` as `n_shards` shards into the new folder `dst`."""
+    files = find_checkpoint_files(src)
+    dst = Path(dst).expanduser()
+    check_destination(files.folder, dst)
+    args = ModelArgs.from_json_file(files.params)
+    check_world_size(args, len(files.shards), n_shards, files.folder)
+
+    loaded_args = args_for_model_parallel(args, n_shards)  # what the loader would build for N processes
+    written_kv_heads = math.lcm(count_distinct_kv_heads(ShardFiles(files.shards), args), n_shards)
+    copies_to_drop = loaded_args.n_kv_heads // written_kv_heads
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for rank in range(n_shards):
+        path = dst / f"consolidated.{rank:02d}.pth"
+        write_shard(files.shards, rank, n_shards, loaded_args, copies_to_drop, path)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+    # Written last, so that an interrupted run leaves a folder the loader refuses as incomplete.
+    write_params(files.params, dst / "params.json", args, written_kv_heads)
+    shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Refuse to write into the source checkpoint, or over anything that already exists."""
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise LlamaError(
+            f"{dst} is the source checkpoint folder or inside it: write the new shards to a folder elsewhere"
+        )
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+        raise LlamaError(f"{dst} already exists and is not an empty folder: choose a new folder name")
+
+
+# ------------------------------------------------------------------------------------------------
+# Repeated key/value heads
+# ------------------------------------------------------------------------------------------------
+
+
+def count_distinct_kv_heads(shards: ShardFiles, args: ModelArgs) -> int:
+    """n_kv_heads, or fewer when every head is stored several times in a row.
+
+    An earlier repetition for more processes (405B for 16 GPUs, or this tool) stores exact copies,
+    in every layer's wk and wv; two trained heads are never bit-for-bit equal. Reads wk and wv whole
+    (1/8 of the attention weights in Llama 3), one at a time.
+    """
+    kv_names = [name for name in shards.tensor_names(0) if without_layer_prefix(name) in KV_WEIGHTS]
+    if not kv_names:
+        raise LlamaError(f"{shards.paths[0]} has no attention.wk weights: it is not a Llama checkpoint")
+    for distinct in range(1, args.n_kv_heads):
+        if args.n_kv_heads % distinct == 0 and all(
+            heads_repeat(whole_kv_heads(shards, name, args), distinct) for name in kv_names
+        ):
+            return distinct
+    return args.n_kv_heads
+
+
+def whole_kv_heads(shards: ShardFiles, name: str, args: ModelArgs) -> torch.Tensor:
+    """All heads of wk or wv, merged from every shard.   # (n_kv_heads, head_dim, dim)"""
+    weight = slice_for_rank(shards, name, 0, rank=0, world_size=1)  # the one share of a single process
+    if weight.shape[0] != args.n_kv_heads * args.head_dim:
+        raise LlamaError(
+            f"tensor {name!r} in {shards.paths[0].parent} has {weight.shape[0]} rows but params.json implies "
+            f"{args.n_kv_heads * args.head_dim}: params.json and the weights come from different models"
+        )
+    return weight.unflatten(0, (args.n_kv_heads, args.head_dim))
+
+
+def heads_repeat(heads: torch.Tensor, distinct: int) -> bool:
+    """Are the heads `distinct` different ones, each repeated in a run of equal copies?"""
+    runs = heads.unflatten(0, (distinct, -1))  # (distinct, copies, head_dim, dim)
+    return torch.equal(runs, runs[:, :1].expand_as(runs))
+
+
+def drop_repeated_kv_heads(tensors: dict, copies: int, head_dim: int) -> dict:
+    """Keep the first head of every run of `copies` equal heads in wk and wv."""
+    if copies == 1:
+        return tensors
+    thinned = dict(tensors)
+    for name, weight in tensors.items():
+        if without_layer_prefix(name) in KV_WEIGHTS:
+            runs = weight.unflatten(0, (-1, copies, head_dim))  # (heads kept, copies, head_dim, dim)
+            thinned[name] = runs[:, 0].flatten(0, 1)
+    return thinned
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def write_shard(shard_paths: list, rank: int, n_shards: int, loaded_args: ModelArgs, copies_to_drop: int, path: Path):
+    """Write what process `rank` of `n_shards` loads, in Meta's format, each tensor at its own size.
+
+    torch.save writes a tensor's whole storage, so a slice that is a view into a larger tensor would
+    drag all of it into the file: such slices are copied out first. The rest are written straight
+    from the memory-mapped source. Everything is released on return, before the next shard.
+    """
+    tensors = local_state_dict(shard_paths, rank, n_shards, loaded_args)
+    tensors = drop_repeated_kv_heads(tensors, copies_to_drop, loaded_args.head_dim)
+    compact = {}
+    for name, tensor in tensors.items():
+        owns_its_storage = tensor.untyped_storage().nbytes() == tensor.nbytes
+        compact[name] = tensor if owns_its_storage else tensor.clone()
+    torch.save(compact, path)
+
+
+def write_params(source: Path, destination: Path, args: ModelArgs, n_kv_heads: int) -> None:
+    """Copy params.json, with n_kv_heads changed when the written heads are repeated (or no longer)."""
+    if n_kv_heads == args.n_kv_heads:
+        shutil.copyfile(source, destination)
+        return
+    params = json.loads(source.read_text())
+    arguments = params.get("model", params)  # a few files nest the arguments under "model"
+    arguments["n_kv_heads"] = n_kv_heads
+    destination.write_text(json.dumps(params))
+
+
+def main(argv: list = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_models.reshard",
+        description="Write a copy of a Llama 3.x checkpoint folder split into N shards, for N processes.",
+    )
+    parser.add_argument("src", type=Path, help="checkpoint folder to read (never changed)")
+    parser.add_argument("dst", type=Path, help="folder to create (it must not exist, or be empty)")
+    parser.add_argument("n", type=int, help="number of shards to write: the process count that will run it")
+    options = parser.parse_args(argv)
+    try:
+        reshard(options.src, options.dst, options.n)
+    except (LlamaError, OSError) as error:  # OSError: a full disk or a folder we may not write to
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

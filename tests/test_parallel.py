@@ -1,0 +1,212 @@
+"""Model parallelism: each process's slices, the reshard tool, and torchrun runs checked against one process.
+
+The tiny "gqa4" checkpoint has 8 query heads and 2 key/value heads, so 4 processes need its KV heads
+repeated. It is resharded to 2 and 4 shards once per module; the torchrun tests run
+tests/parallel_worker.py with gloo on the CPU, in float32, and compare with this process.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges
+from llama_models import reshard
+from llama_models.llama3 import LlamaError, ModelArgs, load_llama
+from llama_models.llama3.sharding import args_for_model_parallel, check_world_size, local_state_dict, valid_world_sizes
+from parallel_worker import N_NEW_TOKENS, PROMPT, greedy_decode
+
+TOLERANCE = 1e-4  # float32; sharded sums add the same products in a different order
+WORKER = Path(__file__).with_name("parallel_worker.py")
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_checkpoint, tmp_path_factory) -> dict:
+    """{shard count: folder}: gqa4 as written (1 shard), and resharded to 2 and 4 shards."""
+    source = tiny_checkpoint("gqa4")
+    folders = {1: source}
+    for n_shards in (2, 4):
+        folders[n_shards] = tmp_path_factory.mktemp("resharded") / f"gqa4-mp{n_shards}"
+        assert reshard.main([str(source), str(folders[n_shards]), str(n_shards)]) == 0
+    return folders
+
+
+@pytest.fixture(scope="module")
+def one_process_result(sharded) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and their logits from this process on the unsharded checkpoint."""
+    model, _ = load_llama(sharded[1], dtype=torch.float32, max_seq_len=len(PROMPT) + N_NEW_TOKENS)
+    return greedy_decode(model, PROMPT, N_NEW_TOKENS)
+
+
+def shard_tensors(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def model_args(folder: Path) -> ModelArgs:
+    return ModelArgs.from_json_file(folder / "params.json")
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.pth"))
+
+
+# --- which process counts work ------------------------------------------------------------------
+
+
+def test_process_counts_for_meta_checkpoints():
+    llama_70b = ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3)
+    llama_405b_mp16 = ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=16, multiple_of=4096,
+                                ffn_dim_multiplier=1.2)
+    assert valid_world_sizes(llama_70b, n_shards=8) == [1, 2, 4, 8, 16, 32, 64]
+    assert valid_world_sizes(llama_405b_mp16, n_shards=16) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert args_for_model_parallel(llama_70b, 16).n_kv_heads == 16  # each KV head on two processes
+    assert args_for_model_parallel(llama_70b, 4).n_kv_heads == 8
+
+
+def test_process_count_that_fits_neither_way_is_refused_in_one_line(sharded):
+    with pytest.raises(LlamaError) as error:
+        check_world_size(model_args(sharded[2]), n_shards=2, world_size=3, folder=sharded[2])
+    message = str(error.value)
+    assert "\n" not in message
+    assert "holds 2 shard(s)" in message and "split 3 ways" in message and "1, 2, 4, 8" in message
+
+
+# --- one process's slices -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_with_one_process_per_shard_each_maps_its_own_file(sharded):
+    paths = shard_paths(sharded[2])
+    args = args_for_model_parallel(model_args(sharded[2]), 2)
+    tensors = local_state_dict(paths, rank=1, world_size=2, args=args)
+    own_file = memory_mapped_ranges(paths[1])
+    for name, tensor in tensors.items():
+        assert any(tensor.data_ptr() in addresses for addresses in own_file), name
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_with_more_processes_than_shards_row_slices_are_views_of_the_file(sharded):
+    paths = shard_paths(sharded[1])
+    args = args_for_model_parallel(model_args(sharded[1]), 2)
+    tensors = local_state_dict(paths, rank=1, world_size=2, args=args)
+    whole = shard_tensors(paths[0])
+    mapped = memory_mapped_ranges(paths[0])
+    wq = "layers.0.attention.wq.weight"  # column-parallel: rank 1 of 2 holds the second half of the rows
+    assert torch.equal(tensors[wq], whole[wq][args.dim // 2 :])
+    assert any(tensors[wq].data_ptr() in addresses for addresses in mapped)
+    wo = "layers.0.attention.wo.weight"  # row-parallel: the second half of the columns, copied out
+    assert torch.equal(tensors[wo], whole[wo][:, args.dim // 2 :]) and tensors[wo].is_contiguous()
+
+
+def test_kv_heads_are_repeated_when_processes_outnumber_them(sharded):
+    paths = shard_paths(sharded[1])
+    args = args_for_model_parallel(model_args(sharded[1]), 4)  # 2 KV heads, 4 processes
+    whole_wk = shard_tensors(paths[0])["layers.1.attention.wk.weight"]  # (2 heads * head_dim, dim)
+    assert args.n_kv_heads == 4
+    for rank in range(4):
+        wk = local_state_dict(paths, rank, 4, args)["layers.1.attention.wk.weight"]
+        kv_head = rank // 2  # processes 0 and 1 share head 0, processes 2 and 3 head 1
+        assert torch.equal(wk, whole_wk[kv_head * args.head_dim : (kv_head + 1) * args.head_dim])
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_one_process_merges_the_shards(sharded, one_process_result, n_shards):
+    model, _ = load_llama(sharded[n_shards], dtype=torch.float32, max_seq_len=len(PROMPT) + N_NEW_TOKENS)
+    tokens, logits = greedy_decode(model, PROMPT, N_NEW_TOKENS)
+    expected_tokens, expected_logits = one_process_result
+    assert tokens == expected_tokens
+    assert (logits - expected_logits).abs().max().item() < TOLERANCE
+
+
+# --- the reshard tool ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape_name", ["gqa1", "gqa4"])  # gqa4 repeats its 2 KV heads on the way to 4
+def test_reshard_1_4_2_1_round_trips_bit_for_bit(tiny_checkpoint, tmp_path, capsys, shape_name):
+    source = tiny_checkpoint(shape_name)
+    before = folder_snapshot(source)
+    folder = source
+    for step, n_shards in enumerate([4, 2, 1]):
+        target = tmp_path / f"step{step}-mp{n_shards}"
+        assert reshard.main([str(folder), str(target), str(n_shards)]) == 0
+        assert len(shard_paths(target)) == n_shards
+        folder = target
+
+    original = shard_tensors(source / "consolidated.00.pth")
+    round_tripped = shard_tensors(folder / "consolidated.00.pth")
+    assert original.keys() == round_tripped.keys()
+    for name, tensor in original.items():
+        assert round_tripped[name].dtype == tensor.dtype and torch.equal(round_tripped[name], tensor), name
+    for name in ("params.json", "tokenizer.model"):
+        assert (folder / name).read_bytes() == (source / name).read_bytes()
+    assert folder_snapshot(source) == before
+    assert "consolidated.03.pth" in capsys.readouterr().out
+
+
+def test_reshard_records_repeated_kv_heads_in_params(sharded):
+    assert model_args(sharded[2]).n_kv_heads == TINY_SHAPES["gqa4"]["n_kv_heads"] == 2
+    assert model_args(sharded[4]).n_kv_heads == 4
+    wk = shard_tensors(shard_paths(sharded[4])[0])["layers.0.attention.wk.weight"]
+    assert wk.shape[0] == model_args(sharded[4]).head_dim  # one KV head per shard
+
+
+@pytest.mark.parametrize("problem", ["three ways", "same folder", "inside source", "not empty"])
+def test_reshard_refuses_in_one_line_and_leaves_the_source_alone(sharded, tmp_path, capsys, problem):
+    source = sharded[2]
+    before = folder_snapshot(source)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    dst, n_shards = {
+        "three ways": (tmp_path / "new", "3"),
+        "same folder": (source, "1"),
+        "inside source": (source / "merged", "1"),
+        "not empty": (tmp_path / "busy", "1"),
+    }[problem]
+    assert reshard.main([str(source), str(dst), n_shards]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    assert folder_snapshot(source) == before
+    assert not (tmp_path / "new").exists()
+
+
+# --- torchrun -----------------------------------------------------------------------------------
+
+
+def run_with_torchrun(n_processes: int, folders: list[Path], out_dir: Path) -> list[list[dict]]:
+    """Run parallel_worker.py on `n_processes` processes; per folder, each process's result."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n_processes),
+               str(WORKER), str(out_dir), *map(str, folders)]
+    # One thread per process: the processes already share the CPU cores (torchrun would warn and do it).
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    # Only the main process prints: one line per folder.
+    assert finished.stdout.count(": [") == len(folders), finished.stdout
+    return [
+        [torch.load(out_dir / f"{index}.rank{rank}.pt", weights_only=True) for rank in range(n_processes)]
+        for index in range(len(folders))
+    ]
+
+
+def check_processes_agree_with_one_process(results: list[dict], one_process_result):
+    expected_tokens, expected_logits = one_process_result
+    for result in results:
+        assert result["tokens"] == expected_tokens
+        assert (result["logits"] - expected_logits).abs().max().item() < TOLERANCE
+        assert result["from_rank_0"] == 0  # broadcast_tokens shares rank 0's values
+
+
+def test_torchrun_two_processes_match_one_process(sharded, one_process_result, tmp_path):
+    """1 shard (each process cuts its half), 2 shards (one each), 4 shards (each glues two)."""
+    folders = [sharded[1], sharded[2], sharded[4]]
+    for per_folder in run_with_torchrun(2, folders, tmp_path):
+        check_processes_agree_with_one_process(per_folder, one_process_result)
+
+
+def test_torchrun_four_processes_share_repeated_kv_heads(sharded, one_process_result, tmp_path):
+    (per_process,) = run_with_torchrun(4, [sharded[1]], tmp_path)  # 2 KV heads in the file, 1 per process
+    check_processes_agree_with_one_process(per_process, one_process_result)
+    assert all(result["kv_cache_heads"] == 1 for result in per_process)
