@@ -63,13 +63,14 @@ def main():
     started = time.perf_counter()
     logits = model(torch.tensor([prompt], device=device), start_pos=0)
     decoder, generated = StreamingDecoder(tokenizer), []
-    while len(generated) < MAX_NEW_TOKENS:
-        token = int(logits[0, -1].argmax())
-        if token in tokenizer.stop_tokens:
-            break
+    token = int(logits[0, -1].argmax())  # greedy: the most likely next token
+    while token not in tokenizer.stop_tokens:
         generated.append(token)
         print(decoder.push(token), end="", flush=True)
+        if len(generated) == MAX_NEW_TOKENS:
+            break
         logits = model(torch.tensor([[token]], device=device), start_pos=len(prompt) + len(generated) - 1)
+        token = int(logits[0, -1].argmax())
 
     # 8. Report
     print(decoder.flush())

@@ -251,6 +251,8 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     so the token that crosses top_p is kept and the most likely token always is.
     Example: [0.5, 0.3, 0.15, 0.05] with top_p 0.9 keeps the first three.
     """
+    if top_p >= 1:  # keep everything (the float32 running sum can exceed 1.0 and cut the tail)
+        return probs
     sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     sorted_probs[mass_before > top_p] = 0.0
@@ -410,6 +412,8 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
 def run() -> None:
     if DECODING not in ("greedy", "beam", "sample"):
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
+    if MAX_NEW_TOKENS < 1 or BEAM_WIDTH < 1:
+        raise LlamaError(f"MAX_NEW_TOKENS ({MAX_NEW_TOKENS}) and BEAM_WIDTH ({BEAM_WIDTH}) must be at least 1")
     device = resolve_device(DEVICE)  # 1. settings
     dtype = resolve_dtype(DTYPE, device)
     folder = checkpoint_folder()

@@ -210,3 +210,25 @@ def test_torchrun_four_processes_share_repeated_kv_heads(sharded, one_process_re
     (per_process,) = run_with_torchrun(4, [sharded[1]], tmp_path)  # 2 KV heads in the file, 1 per process
     check_processes_agree_with_one_process(per_process, one_process_result)
     assert all(result["kv_cache_heads"] == 1 for result in per_process)
+
+
+def test_run_inference_script_under_torchrun_prints_what_one_process_prints(sharded):
+    """The user's command, `torchrun --nproc-per-node 2 run_inference.py`, on the 2-shard folder: rank 0
+    alone prints, and the generated text equals a plain `python run_inference.py` on the 1-shard one."""
+    repo_root = Path(__file__).resolve().parents[1]
+    python_with_settings = [sys.executable, "-c",
+                            "import run_inference as r; r.MAX_NEW_TOKENS = 6; r.DTYPE = 'float32'; r.main()"]
+
+    def generated_text(folder: Path, launcher: list) -> str:
+        environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(folder), "OMP_NUM_THREADS": "1"}
+        finished = subprocess.run([*launcher, *python_with_settings], capture_output=True, text=True,
+                                  timeout=180, env=environment, cwd=repo_root)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        assert finished.stdout.count("prompt:") == 1  # one report: only rank 0 prints
+        return finished.stdout.split("\n\n", 1)[1].split("\nprompt:")[0]  # between model line and timing
+
+    one = generated_text(sharded[1], [])
+    # --no-python: torchrun runs the command as given (python -c ...) in each process.
+    two = generated_text(sharded[2], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      "--nproc-per-node", "2", "--no-python"])
+    assert one.strip() and one == two

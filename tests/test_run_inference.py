@@ -1,0 +1,469 @@
+"""run_inference.py: its decoding functions against independent references, and the script as a user runs it.
+
+The references are written here from the definitions: greedy is the argmax of a full forward pass
+(no KV cache) repeated token by token; beam search is Hugging Face transformers' `generate`; top-p is
+Meta's rule written out in float64 Python. The script itself runs as a subprocess, as a user would
+start it, on tiny random checkpoints with the byte-level tokenizer (one token per UTF-8 byte).
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+# run_inference.py and minimal_run_inference.py are scripts at the repository root, not part of a
+# package: put the root on sys.path so `import run_inference` works whatever the current directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import run_inference  # noqa: E402
+from checkpoints import TINY_SHAPES, folder_snapshot  # noqa: E402
+from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
+from llama_models.llama3 import LlamaError, Tokenizer, load_llama  # noqa: E402
+
+MAX_SEQ_LEN = 64  # prompts below are at most 11 tokens, generations at most 12
+MAX_BATCH_SIZE = 4  # the widest beam below
+SUBPROCESS_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from several threads, and lose a lot when the CPU is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def float32_model(tiny_checkpoint):
+    """float32_model("gqa4") -> (model, tokenizer, folder), loaded once per module in float32."""
+    loaded = {}
+
+    def load(shape_name: str = "gqa4"):
+        if shape_name not in loaded:
+            folder = tiny_checkpoint(shape_name)
+            model, tokenizer = load_llama(
+                folder, dtype=torch.float32, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE
+            )
+            loaded[shape_name] = (model, tokenizer, folder)
+        return loaded[shape_name]
+
+    return load
+
+
+def random_prompts(count: int, seed: int, lengths=(5, 8, 11)) -> list:
+    """Prompts of byte tokens (ids below 256: ordinary text bytes for the tiny tokenizer)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (lengths[i % len(lengths)],), generator=generator).tolist() for i in range(count)]
+
+
+def full_forward_logits(model, tokens: list) -> torch.Tensor:
+    """Logits for the next token from one full pass over `tokens` (start_pos=0: no cached state used)."""
+    return model(torch.tensor([tokens]), start_pos=0)[0, -1].float()
+
+
+def greedy_without_cache(model, prompt: list, max_new_tokens: int) -> list:
+    """The definition of greedy decoding: re-run the whole text each step and take the argmax."""
+    tokens, generated = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = full_forward_logits(model, tokens)
+        token = int(logits.argmax())
+        generated.append((token, float(torch.softmax(logits, dim=-1)[token])))
+        tokens.append(token)
+    return generated
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape_name", ["gqa1", "gqa4"])
+def test_greedy_equals_argmax_of_full_forwards(float32_model, shape_name):
+    model, _, _ = float32_model(shape_name)
+    for prompt in random_prompts(3, seed=10):
+        # Consume the generator fully before the reference runs: both use cache row 0.
+        ours = list(run_inference.greedy_decode(model, prompt, 12, stop_tokens=frozenset()))
+        reference = greedy_without_cache(model, prompt, 12)
+        assert [token for token, _ in ours] == [token for token, _ in reference]
+        for (_, our_probability), (_, probability) in zip(ours, reference):
+            assert our_probability == pytest.approx(probability, rel=1e-4, abs=1e-7)
+
+
+def test_greedy_stops_before_a_stop_token(float32_model):
+    model, _, _ = float32_model("gqa4")
+    prompt = random_prompts(1, seed=11)[0]
+    unstopped = [token for token, _ in greedy_without_cache(model, prompt, 10)]
+    stop = unstopped[5]
+    ours = [token for token, _ in run_inference.greedy_decode(model, prompt, 10, stop_tokens=frozenset({stop}))]
+    assert ours == unstopped[: unstopped.index(stop)]  # the stop token itself is not yielded
+
+
+# ------------------------------------------------------------------------------------------------
+# Beam search
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5])
+def test_beam_width_one_equals_greedy(float32_model, length_penalty):
+    model, _, _ = float32_model("gqa4")
+    for prompt in random_prompts(2, seed=12):
+        greedy = greedy_without_cache(model, prompt, 9)
+        beams = run_inference.beam_search(model, prompt, 1, 9, frozenset(), length_penalty)
+        assert len(beams) == 1
+        tokens, score = beams[0]
+        assert tokens == [token for token, _ in greedy]
+        assert len(tokens) == 9
+        log_probability = sum(math.log(probability) for _, probability in greedy)
+        assert score == pytest.approx(log_probability / 9**length_penalty, rel=1e-4)
+
+
+def test_beam_width_one_with_stop_token_ends_with_it(float32_model):
+    """Greedy leaves the stop token out; a finished beam hypothesis keeps it as its last token."""
+    model, _, _ = float32_model("gqa4")
+    prompt = random_prompts(1, seed=13)[0]
+    unstopped = [token for token, _ in greedy_without_cache(model, prompt, 10)]
+    stop = unstopped[4]
+    greedy = [token for token, _ in run_inference.greedy_decode(model, prompt, 10, frozenset({stop}))]
+    [(tokens, _)] = run_inference.beam_search(model, prompt, 1, 10, frozenset({stop}))
+    assert tokens == greedy + [stop]
+    assert len(tokens) < 10
+
+
+def hf_beam_search(hf, prompt, width, max_new_tokens, stop_tokens, length_penalty, pad_id):
+    """Hugging Face's beam search as [(generated tokens, score)], best first, like ours."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            num_beams=width,
+            num_return_sequences=width,
+            do_sample=False,
+            length_penalty=length_penalty,
+            early_stopping=True,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(stop_tokens) or None,
+            pad_token_id=pad_id,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    # No logits processor may have changed anything: the scores HF ranks by are plain log-softmax.
+    for raw, processed in zip(out.logits, out.scores):
+        assert torch.allclose(processed, torch.log_softmax(raw.float(), dim=-1), atol=1e-6)
+    hypotheses = []
+    for sequence, score in zip(out.sequences.tolist(), out.sequences_scores.tolist()):
+        generated = sequence[len(prompt) :]
+        ends = [i for i, token in enumerate(generated) if token in stop_tokens]
+        if ends:  # finished by a stop token: the rest is padding
+            assert all(token == pad_id for token in generated[ends[0] + 1 :])
+            generated = generated[: ends[0] + 1]
+        else:  # finished by length
+            assert len(generated) == max_new_tokens
+        hypotheses.append((generated, score))
+    return hypotheses
+
+
+@pytest.mark.parametrize("shape_name", ["gqa3", "gqa4"])
+def test_beam_search_equals_transformers(float32_model, shape_name):
+    model, tokenizer, folder = float32_model(shape_name)
+    hf = hf_model_from_meta_checkpoint(folder, rope_scale_factor=model.args.rope_scale_factor)
+    max_new_tokens = 10
+    finished_early = mixed_lengths = 0
+    for prompt in random_prompts(3, seed=14):
+        # Stop tokens the random model actually produces: its favourite next tokens a few greedy
+        # steps in (after 2 steps and after 4), so that hypotheses end at different lengths.
+        greedy = [token for token, _ in greedy_without_cache(model, prompt, 4)]
+        stop_sets = [frozenset()]
+        for steps in (2, 4):
+            stop_sets.append(frozenset(full_forward_logits(model, prompt + greedy[:steps]).topk(3).indices.tolist()))
+        for stop_tokens in stop_sets:
+            for width, length_penalty in [(2, 1.0), (3, 0.5), (4, 2.0), (4, 1.0)]:
+                label = f"prompt {prompt}, width {width}, length_penalty {length_penalty}, stop {sorted(stop_tokens)}"
+                ours = run_inference.beam_search(model, prompt, width, max_new_tokens, stop_tokens, length_penalty)
+                theirs = hf_beam_search(
+                    hf, prompt, width, max_new_tokens, stop_tokens, length_penalty, tokenizer.pad_id
+                )
+                assert [tokens for tokens, _ in ours] == [tokens for tokens, _ in theirs], label
+                for (_, our_score), (_, score) in zip(ours, theirs):
+                    assert our_score == pytest.approx(score, abs=1e-4), label
+                scores = [score for _, score in ours]
+                assert scores == sorted(scores, reverse=True), label
+                for tokens, _ in ours:  # a hypothesis shorter than the limit ends with a stop token
+                    assert len(tokens) == max_new_tokens or tokens[-1] in stop_tokens, label
+                    assert not any(token in stop_tokens for token in tokens[:-1]), label
+                lengths = {len(tokens) for tokens, _ in ours}
+                finished_early += min(lengths) < max_new_tokens
+                mixed_lengths += len(lengths) > 1
+    assert finished_early > 0  # the stop-token path was exercised ...
+    assert mixed_lengths > 0  # ... including length-penalised ranking of different lengths
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-p and sampling
+# ------------------------------------------------------------------------------------------------
+
+
+def top_p_reference(probs: list, top_p: float) -> list:
+    """Meta's rule in float64: walk from most to least likely; keep a token while the probability
+    before it is at most top_p. Returns, per token, its mass before it in that order."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    mass_before, total = [0.0] * len(probs), 0.0
+    for i in order:
+        mass_before[i] = total
+        total += probs[i]
+    return mass_before
+
+
+@pytest.mark.parametrize("top_p", [0.0, 0.05, 0.3, 0.5, 0.9, 0.99, 1.0])
+def test_top_p_keeps_what_the_reference_rule_keeps(top_p):
+    generator = torch.Generator().manual_seed(15)
+    for sharpness in (0.5, 2.0, 5.0):
+        probs = torch.softmax(sharpness * torch.randn(512, generator=generator), dim=-1)
+        original = probs.clone()
+        filtered = run_inference.top_p_filter(probs, top_p)
+        assert torch.equal(probs, original)  # the input is left alone
+        mass_before = top_p_reference(probs.double().tolist(), top_p)
+        # float32 sums decide tokens whose preceding mass is within rounding of top_p (at top_p = 1,
+        # the long tail of a sharp distribution); every other token must be decided as the rule says.
+        decided = [i for i, mass in enumerate(mass_before) if abs(mass - top_p) > 1e-5]
+        assert len(decided) > 100
+        for i in decided:
+            assert (filtered[i] > 0) == (mass_before[i] <= top_p), (i, mass_before[i])
+        kept = filtered > 0
+        assert kept[int(probs.argmax())]  # the most likely token is always kept
+        assert torch.allclose(filtered[kept], probs[kept] / probs[kept].sum(), rtol=1e-5)
+        assert torch.all(filtered[~kept] == 0)
+        assert float(filtered.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_top_p_example_from_the_facts_file():
+    filtered = run_inference.top_p_filter(torch.tensor([0.5, 0.3, 0.15, 0.05]), 0.9)
+    assert torch.allclose(filtered, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+
+
+def test_sample_draws_from_the_temperature_scaled_nucleus(float32_model):
+    """The first sampled token lies in the top-p set of softmax(logits / T), with that set's renormalised
+    probability, and different seeds do draw different tokens from it."""
+    model, _, _ = float32_model("gqa4")
+    prompt = random_prompts(1, seed=16)[0]
+    temperature, top_p = 0.8, 0.5
+    probs = torch.softmax(full_forward_logits(model, prompt) / temperature, dim=-1).double()
+    mass_before = top_p_reference(probs.tolist(), top_p)
+    nucleus = {i for i, mass in enumerate(mass_before) if mass <= top_p}
+    nucleus_mass = sum(float(probs[i]) for i in nucleus)
+    assert len(nucleus) >= 5
+    drawn = set()
+    for seed in range(30):
+        [(token, probability)] = run_inference.sample(model, prompt, 1, frozenset(), temperature, top_p, seed)
+        assert token in nucleus
+        assert probability == pytest.approx(float(probs[token]) / nucleus_mass, rel=1e-4)
+        drawn.add(token)
+    assert len(drawn) >= 3
+
+
+def test_fixed_seed_reproduces_the_same_tokens(float32_model):
+    model, _, _ = float32_model("gqa4")
+    prompt = random_prompts(1, seed=17)[0]
+
+    def sampled(seed):
+        return list(run_inference.sample(model, prompt, 12, frozenset(), temperature=1.5, top_p=1.0, seed=seed))
+
+    first, again, other = sampled(3), sampled(3), sampled(4)
+    assert len(first) == 12
+    assert first == again
+    assert [token for token, _ in first] != [token for token, _ in other]
+
+
+def test_sample_with_temperature_zero_or_tiny_top_p_is_greedy(float32_model):
+    model, _, _ = float32_model("gqa4")
+    prompt = random_prompts(1, seed=18)[0]
+    greedy = greedy_without_cache(model, prompt, 8)
+    cold = list(run_inference.sample(model, prompt, 8, frozenset(), temperature=0.0, top_p=0.9, seed=5))
+    assert [token for token, _ in cold] == [token for token, _ in greedy]
+    for (_, our_probability), (_, probability) in zip(cold, greedy):
+        assert our_probability == pytest.approx(probability, rel=1e-4)
+    # top_p = 0 leaves only the most likely token, drawn with probability 1
+    narrow = list(run_inference.sample(model, prompt, 8, frozenset(), temperature=1.0, top_p=0.0, seed=5))
+    assert [token for token, _ in narrow] == [token for token, _ in greedy]
+    assert all(probability == pytest.approx(1.0) for _, probability in narrow)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming text
+# ------------------------------------------------------------------------------------------------
+
+
+def test_streaming_prints_multi_byte_characters_whole(tiny_checkpoint, capsys):
+    tokenizer = Tokenizer(tiny_checkpoint("gqa4") / "tokenizer.model")
+    text = "héllo 🦙"
+    tokens = tokenizer.encode(text, bos=False, eos=False)
+    assert len(tokens) == len(text.encode("utf-8")) > len(text)  # é and 🦙 are split over several tokens
+    returned, first_token_time = run_inference.stream_tokens(
+        [(token, 1.0) for token in tokens], tokenizer, show_tokens=False
+    )
+    assert capsys.readouterr().out == text + "\n"
+    assert returned == tokens
+    assert first_token_time is not None
+
+
+def test_token_table_shows_partial_characters_as_bytes(tiny_checkpoint, capsys):
+    tokenizer = Tokenizer(tiny_checkpoint("gqa4") / "tokenizer.model")
+    tokens = tokenizer.encode("é🦙", bos=False, eos=False)  # 2 + 4 bytes, none valid UTF-8 alone
+    run_inference.stream_tokens([(token, 0.25) for token in tokens], tokenizer, show_tokens=True)
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 1 + len(tokens) + 1  # header, one row per token, the final flush line
+    assert "\ufffd" not in "".join(rows)
+    for step, (row, token, byte) in enumerate(zip(rows[1:], tokens, "é🦙".encode("utf-8")), start=1):
+        assert row.split()[:3] == [str(step), str(token), "25.00%"]
+        assert repr(bytes([byte])) in row
+
+
+# ------------------------------------------------------------------------------------------------
+# The scripts, run as a user runs them
+# ------------------------------------------------------------------------------------------------
+
+
+def run_python(arguments: list, checkpoint=None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # as `one_thread` above, for the scripts
+    environment.pop("LLAMA_CHECKPOINT_DIR", None)
+    if checkpoint is not None:
+        environment["LLAMA_CHECKPOINT_DIR"] = str(checkpoint)
+    return subprocess.run(
+        [sys.executable, *arguments],
+        cwd=REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+
+
+def with_settings(settings: str, then: str = "r.main()") -> list:
+    """`python -c` arguments that import the script, change its settings, and run it."""
+    return ["-c", f"import run_inference as r\n{settings}\n{then}"]
+
+
+def assert_ran_cleanly(finished: subprocess.CompletedProcess) -> None:
+    assert finished.returncode == 0, finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert "error:" not in finished.stderr
+
+
+def test_run_inference_script_runs_with_its_defaults(tiny_checkpoint):
+    folder = tiny_checkpoint("gqa4")
+    before = folder_snapshot(folder)
+    finished = run_python(["run_inference.py"], checkpoint=folder)
+    assert_ran_cleanly(finished)
+    shape = TINY_SHAPES["gqa4"]
+    assert f"{folder.name}: {shape['n_layers']} layers, dim {shape['dim']}" in finished.stdout
+    assert re.search(r"^prompt: \d+ tokens, generated: \d+ tokens$", finished.stdout, re.MULTILINE)
+    assert folder_snapshot(folder) == before
+
+
+def test_run_inference_script_beam_and_sample_modes(tiny_checkpoint):
+    folder = tiny_checkpoint("gqa4")
+    before = folder_snapshot(folder)
+    settings = (
+        "r.MAX_NEW_TOKENS = 8\nr.DTYPE = 'float32'\n"
+        "r.DECODING = 'beam'\nr.BEAM_WIDTH = 3\nr.main()\nprint('=== next run ===')\n"
+        "r.DECODING = 'sample'\nr.SHOW_TOKENS = True\nr.IS_INSTRUCT = True\nr.SYSTEM_PROMPT = 'Be brief.'\n"
+    )
+    finished = run_python(with_settings(settings), checkpoint=folder)
+    assert_ran_cleanly(finished)
+    beam, sampled = finished.stdout.split("=== next run ===")
+    assert re.findall(r"^--- beam (\d+):", beam, re.MULTILINE) == ["1", "2", "3"]
+    assert re.search(r"^prompt: \d+ tokens, \d+ beam steps of width 3 in ", beam, re.MULTILINE)
+    assert "tokenizer.model holds lines of" in sampled
+    assert re.search(r"^\s+0\s+\d+\s+'<\|begin_of_text\|>'$", sampled, re.MULTILINE)  # the prompt table
+    assert sampled.count("'<|start_header_id|>'") == 3  # system, user and assistant headers
+    assert re.search(r"^\s+step\s+id\s+prob\s+text$", sampled, re.MULTILINE)
+    assert re.search(r"^prompt: \d+ tokens, generated: \d+ tokens$", sampled, re.MULTILINE)
+    assert folder_snapshot(folder) == before
+
+
+def test_minimal_run_inference_script_runs(tiny_checkpoint):
+    folder = tiny_checkpoint("gqa4")
+    before = folder_snapshot(folder)
+    finished = run_python(["minimal_run_inference.py"], checkpoint=folder)
+    assert_ran_cleanly(finished)
+    assert re.search(r"^\d+ tokens at [\d.]+ tokens/s$", finished.stdout, re.MULTILINE)  # its one timing line
+    assert folder_snapshot(folder) == before
+
+
+ERROR_CASES = {
+    "missing checkpoint": ("", "no-such-folder"),
+    "unknown device": ("r.DEVICE = 'tpu'", "tpu"),
+    "empty prompt": ("r.INPUT_STRING = '   '", "INPUT_STRING"),
+    # gqa1 has use_scaled_rope false: an 8192-token context. The byte-level tokenizer makes one token
+    # per byte, plus <|begin_of_text|>.
+    "prompt longer than the context": ("r.INPUT_STRING = 'a ' * 5000", f"{len(('a ' * 5000).encode()) + 1} tokens"),
+    "invalid decoding": ("r.DECODING = 'nucleus'", "nucleus"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_bad_settings_end_with_a_one_line_error(tiny_checkpoint, tmp_path, case):
+    settings, culprit = ERROR_CASES[case]
+    folder = tiny_checkpoint("gqa1")
+    before = folder_snapshot(folder)
+    checkpoint = tmp_path / "no-such-folder" if case == "missing checkpoint" else folder
+    finished = run_python(with_settings(settings), checkpoint=checkpoint)
+    assert finished.returncode != 0
+    assert "Traceback" not in finished.stderr + finished.stdout
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1, finished.stderr
+    assert lines[0].startswith("error: ")
+    assert culprit in lines[0]
+    assert folder_snapshot(folder) == before
+    assert not checkpoint.exists() or checkpoint == folder  # nothing was created either
+
+
+def test_importing_the_scripts_runs_nothing():
+    code = (
+        "import torch.distributed as dist\n"
+        "import run_inference, minimal_run_inference\n"
+        "assert not dist.is_initialized(), 'importing started torch.distributed'\n"
+    )
+    finished = run_python(["-c", code])
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == ""
+    assert finished.stderr == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# A prompt that fits the context but leaves less than MAX_NEW_TOKENS room
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prompt_near_the_context_does_not_fail_midway(tiny_checkpoint, monkeypatch, capsys):
+    """The script accepts any prompt shorter than the context. Such a prompt must either be refused
+    up front (before any decoding) or be answered with as many tokens as the context still holds;
+    it must not fail in the middle of generating. A 40-token context stands in for 8192 or 131072."""
+    context, prompt_length = 40, 37  # 'a' * 36 is 36 byte tokens, plus <|begin_of_text|>
+    monkeypatch.setattr(run_inference, "trained_context_length", lambda args: context)
+    monkeypatch.setenv("LLAMA_CHECKPOINT_DIR", str(tiny_checkpoint("gqa1")))
+    monkeypatch.setattr(run_inference, "INPUT_STRING", "a" * (prompt_length - 1))
+    monkeypatch.setattr(run_inference, "MAX_NEW_TOKENS", 8)
+    monkeypatch.setattr(run_inference, "DTYPE", "float32")
+    monkeypatch.setattr(run_inference, "DEVICE", "cpu")
+    monkeypatch.setattr(run_inference, "DECODING", "greedy")
+    try:
+        run_inference.run()
+    except LlamaError as error:
+        frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)]
+        assert "generate_and_print" not in frames, f"failed while generating: {error}"
+    else:
+        reported = re.search(r"^prompt: (\d+) tokens, generated: (\d+) tokens$", capsys.readouterr().out, re.MULTILINE)
+        assert reported is not None
+        assert int(reported.group(1)) == prompt_length
+        # positions 0..39 can be fed; the token predicted at the last one is the last that can come
+        assert int(reported.group(2)) <= context - prompt_length + 1
