@@ -6,16 +6,19 @@
 The settings at the top are the whole interface. The file then reads top to bottom in chapters, the
 same stages as minimal_run_inference.py, with the explanations that one leaves out:
 
-    1. Settings                      5. Build the Transformer
-    2. Start torch.distributed       6. Load the weights
-    3. Read params.json              7. Decode: greedy, beam search, sampling (prefill + KV cache)
-    4. Tokenize the prompt           8. Report, and main()
+    1. Settings                      6. Load the weights
+    2. Start torch.distributed       7. Decode: greedy, beam search, sampling (prefill + KV cache)
+    3. Read params.json              8. Looking inside: alternatives, logit lens, memory, attention
+    4. Tokenize the prompt           9. Report, and main()
+    5. Build the Transformer
 """
 
 import base64
 import dataclasses
+import contextlib
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer
+from llama_models.llama3.model import apply_rope
 from llama_models.llama3.checkpoint import (
     build_model,
     end_model_parallel,
@@ -58,7 +62,14 @@ TEMPERATURE = 0.6  # sampling: below 1 sharpens the distribution, above 1 flatte
 TOP_P = 0.9  # sampling: draw only from the smallest set of tokens holding this much probability
 SEED = 1  # sampling: the same seed gives the same text
 
-SHOW_TOKENS = False  # print a table of every prompt and generated token instead of streaming text
+SHOW_TOKENS = False  # print a table of the generated tokens (id, probability, text) instead of streaming text
+
+# Looking inside the model (chapter 8). Each is off by default.
+SHOW_PROMPT_TOKENS = False  # every prompt token: id, its bytes as stored in tokenizer.model (base64), text
+SHOW_ALTERNATIVES = 0  # for each generated token, the N most likely candidates and the entropy (0: off)
+SHOW_LOGIT_LENS = False  # the model's best guess for the next token after each layer
+SHOW_MEMORY = False  # bytes of the weights by part, of the KV cache and what sizes it, and peak memory
+ATTENTION_PNG = None  # e.g. "attention.png": the last layer's attention over the prompt (needs matplotlib)
 
 
 # ================================================================================================
@@ -158,10 +169,18 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
         return repr(raw)
 
 
+def stored_form(tokenizer: Tokenizer, token: int) -> str:
+    """How a token appears in tokenizer.model: its bytes in base64. Special tokens are not in the file."""
+    if token >= tokenizer.n_base_tokens:
+        return "(special)"
+    return base64.b64encode(tokenizer.token_bytes(token)).decode("ascii")
+
+
 def show_prompt_tokens(tokenizer: Tokenizer, prompt: list) -> None:
-    print(f"{'position':>8}  {'id':>6}  token")
+    print(f"{'position':>8}  {'id':>6}  {'base64':<12}  token")
     for position, token in enumerate(prompt):
-        print(f"{position:>8}  {token:>6}  {token_text(tokenizer, token)}")
+        print(f"{position:>8}  {token:>6}  {stored_form(tokenizer, token):<12}  {token_text(tokenizer, token)}")
+    print()
 
 
 # ================================================================================================
@@ -170,7 +189,7 @@ def show_prompt_tokens(tokenizer: Tokenizer, prompt: list) -> None:
 # max_seq_len and max_batch_size size the KV cache (chapter 7): every layer keeps, for every sequence
 # and position, a key and a value vector per key/value head. We size it for this prompt plus the
 # answer, not a round default: Meta's example scripts preallocated 32 sequences x 2048 positions
-# (0.5 GB for 1B in float32), which costs nothing on a CPU until written (the OS hands out pages
+# (4 GiB for 1B in float32), which costs nothing on a CPU until written (the OS hands out pages
 # lazily) but is real memory at once on an MPS or CUDA GPU.
 
 
@@ -343,24 +362,222 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
 
 
 # ================================================================================================
-# 8. Report, and main()
+# 8. Looking inside the model
+# ================================================================================================
+# None of this changes what the model computes. Forward hooks (functions PyTorch calls with a
+# module's inputs or output whenever it runs) read the numbers as they pass by.
+#
+# Alternatives and entropy: the model's next-token distribution at each step (before temperature and
+# top-p), its most likely candidates, and its entropy in bits: 0 when the model is certain, about 17
+# (log2 of the 128,256 tokens) when it has no idea.
+
+
+def next_token_alternatives(logits: torch.Tensor, k: int) -> tuple:
+    """(ids, probabilities) of the k most likely next tokens, and the entropy in bits.   logits: (vocab,)"""
+    probs = torch.softmax(logits.float(), dim=-1)
+    entropy_bits = float(torch.special.entr(probs).sum()) / math.log(2)  # entr(p) = -p ln p
+    top = probs.topk(k)
+    return top.indices.tolist(), top.values.tolist(), entropy_bits
+
+
+@contextlib.contextmanager
+def recording_alternatives(model, k: int):
+    """While active, each forward pass appends next_token_alternatives(...) of its last position."""
+    recorded = []
+
+    def record(module, inputs, logits):  # logits: (batch, seq, vocab), the output layer's result
+        recorded.append(next_token_alternatives(logits[0, -1], k))
+
+    handle = model.output.register_forward_hook(record)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+
+
+def alternatives_text(tokenizer: Tokenizer, alternatives: tuple) -> str:
+    ids, probs, entropy_bits = alternatives
+    candidates = "  ".join(f"{token_text(tokenizer, token)} {prob:.1%}" for token, prob in zip(ids, probs))
+    return f"{entropy_bits:>7.2f}  {candidates}"
+
+
+# The logit lens: every layer adds its contribution to the residual stream h. Reading h after layer i
+# through the final norm and the output layer, as if the model stopped there, shows what it would
+# predict at that depth: early layers guess vaguely, and the answer forms as layers are added. After
+# the last layer this is exactly the model's own prediction.
+
+
+def logit_lens(model, prompt_tokens: list) -> list:
+    """[(layer index, top token, its probability)] for the prompt's last position, after each layer."""
+    residuals = []  # each (dim,): h at the last position after one layer
+
+    def keep_last_position(module, inputs, h):  # h: (batch, seq, dim)
+        residuals.append(h[0, -1])
+
+    handles = [layer.register_forward_hook(keep_last_position) for layer in model.layers]
+    try:
+        model(prompt_tensor(model, prompt_tokens), start_pos=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    with torch.inference_mode():
+        for index, h in enumerate(residuals):
+            probs = torch.softmax(model.output(model.norm(h[None, None]))[0, 0].float(), dim=-1)  # (vocab,)
+            rows.append((index, int(probs.argmax()), float(probs.max())))
+    return rows
+
+
+def print_logit_lens(rows: list, tokenizer: Tokenizer) -> None:
+    print(f"logit lens at the last prompt position:\n{'layer':>5}  {'prob':>7}  top next token")
+    for index, token, probability in rows:
+        print(f"{index:>5}  {probability:>7.2%}  {token_text(tokenizer, token)}")
+    print()
+
+
+# Memory: where the bytes go. The weights are the bulk; the KV cache is 2 (keys and values) x layers
+# x max_batch_size x max_seq_len x kv heads x head_dim x bytes per number, all of it allocated when
+# the model is built. Meta's example scripts sized it for 32 sequences of 2048 positions in float32
+# (1B: 4 GiB, 8B: 16 GiB) whether or not they were used. A CPU never touches pages nobody writes, so that cost
+# nothing there; on MPS or CUDA the whole cache is real memory at once.
+
+
+def memory_report(model) -> dict:
+    """Bytes of the weights by part (a tensor shared by two parts is counted once) and of the KV cache."""
+    parts = {"embedding": 0, "attention": 0, "feed-forward": 0, "norms": 0, "output": 0}
+    counted = set()  # data pointers already counted: the tied output of Llama 3.2 1B/3B is the embedding
+    for name, weight in model.named_parameters(remove_duplicate=False):
+        if weight.data_ptr() in counted:
+            continue
+        counted.add(weight.data_ptr())
+        part = ("embedding" if name.startswith("tok_embeddings") else "output" if name.startswith("output")
+                else "norms" if "norm" in name else "attention" if ".attention." in name else "feed-forward")
+        parts[part] += weight.nbytes
+    attention = model.layers[0].attention
+    cache = attention.cache_k
+    return {
+        "weights": parts,
+        "kv_cache": sum(layer.attention.cache_k.nbytes + layer.attention.cache_v.nbytes for layer in model.layers),
+        "kv_cache_sizes": dict(layers=len(model.layers), max_batch_size=cache.shape[0], max_seq_len=cache.shape[1],
+                               kv_heads=attention.n_local_kv_heads, head_dim=attention.head_dim, dtype=cache.dtype),
+    }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The process's peak resident memory (RAM), or the GPU's peak allocation on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def print_memory_report(report: dict, device: torch.device) -> None:
+    mib = 2**20
+    print("memory:")
+    for part, size in report["weights"].items():
+        tied = "  (the embedding matrix, shared)" if part == "output" and size == 0 else ""
+        print(f"  {part:<14} {size / mib:>10.1f} MiB{tied}")
+    print(f"  {'weights, all':<14} {sum(report['weights'].values()) / mib:>10.1f} MiB")
+    sizes = report["kv_cache_sizes"]
+    print(f"  {'KV cache':<14} {report['kv_cache'] / mib:>10.1f} MiB = 2 x {sizes['layers']} layers x "
+          f"{sizes['max_batch_size']} seqs x {sizes['max_seq_len']} positions x {sizes['kv_heads']} kv heads x "
+          f"{sizes['head_dim']} x {sizes['dtype'].itemsize} bytes ({sizes['dtype']})")
+    where = "GPU" if device.type == "cuda" else "process RSS"
+    print(f"  {'peak, ' + where:<14} {peak_memory_bytes(device) / mib:>10.1f} MiB\n")
+
+
+# Attention over the prompt: how much each prompt position looks at every earlier one, in the last
+# layer, averaged over heads. The model does not keep these weights, so a hook grabs the last
+# attention layer's input during the prefill and this helper recomputes them the model's way.
+
+
+def last_layer_attention(model, prompt_tokens: list) -> torch.Tensor:
+    """Attention weights of the last layer over the prompt.   # (heads, seq, seq), rows sum to 1"""
+    captured = {}
+
+    def grab_inputs(module, inputs):  # inputs = (x, start_pos, cos, sin, mask), as in Attention.forward
+        captured["x"], _, captured["cos"], captured["sin"], captured["mask"] = inputs
+
+    attention = model.layers[-1].attention
+    handle = attention.register_forward_pre_hook(grab_inputs)
+    try:
+        model(prompt_tensor(model, prompt_tokens), start_pos=0)
+    finally:
+        handle.remove()
+    x, seq, head_dim = captured["x"], len(prompt_tokens), attention.head_dim
+    with torch.inference_mode():
+        q = apply_rope(attention.wq(x).view(1, seq, attention.n_local_heads, head_dim), captured["cos"], captured["sin"])
+        k = apply_rope(attention.wk(x).view(1, seq, attention.n_local_kv_heads, head_dim), captured["cos"], captured["sin"])
+        k = k.repeat_interleave(attention.n_rep, dim=2)  # each kv head serves n_rep query heads
+        scores = torch.einsum("qhd,khd->hqk", q[0].float(), k[0].float()) / math.sqrt(head_dim)
+        return torch.softmax(scores + captured["mask"].float(), dim=-1)
+
+
+def save_attention_png(attention: torch.Tensor, tokenizer: Tokenizer, prompt: list, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # draw to a file; no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"ATTENTION_PNG: matplotlib is not installed (pip install matplotlib); {path} not written\n")
+        return
+    labels = [token_text(tokenizer, token) for token in prompt]
+    figure, axes = plt.subplots(figsize=(2 + len(prompt) / 4, 1.5 + len(prompt) / 4))
+    axes.imshow(attention.mean(dim=0).cpu().numpy(), cmap="viridis")  # (seq, seq), averaged over heads
+    axes.set_xticks(range(len(prompt)), labels, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(prompt)), labels, fontsize=7)
+    axes.set_xlabel("attended-to position")
+    axes.set_ylabel("query position")
+    axes.set_title("last layer attention, mean over heads")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}\n")
+
+
+def look_inside(model, tokenizer: Tokenizer, prompt: list, device: torch.device, is_main: bool) -> None:
+    """The views chosen in the settings that need the loaded model (alternatives come with decoding).
+    Every process runs the forward passes (under torchrun they need each other); rank 0 prints."""
+    if SHOW_MEMORY and is_main:
+        print_memory_report(memory_report(model), device)
+    if SHOW_LOGIT_LENS:
+        rows = logit_lens(model, prompt)
+        if is_main:
+            print_logit_lens(rows, tokenizer)
+    if ATTENTION_PNG:
+        attention = last_layer_attention(model, prompt)
+        if is_main:
+            save_attention_png(attention, tokenizer, prompt, ATTENTION_PNG)
+
+
+# ================================================================================================
+# 9. Report, and main()
 # ================================================================================================
 
 
-def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer) -> None:
-    print(f"{step:>5}  {token:>6}  {probability:>7.2%}  {token_text(tokenizer, token)}")
+def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer, text_width: int = 0) -> None:
+    print(f"{step:>5}  {token:>6}  {probability:>7.2%}  {token_text(tokenizer, token):<{text_width}}", end="")
 
 
-def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool):
-    """Print each (token, probability) as it arrives; return the tokens and the time of the first."""
-    if show_tokens:
-        print(f"{'step':>5}  {'id':>6}  {'prob':>7}  text")
+def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: list = None):
+    """Print each (token, probability) as it arrives; return the tokens and the time of the first.
+
+    A table instead of text when show_tokens or `alternatives` (recorded per step, see chapter 8).
+    """
+    table = show_tokens or alternatives is not None
+    text_width = 16 if alternatives is not None else 0  # align the alternatives column
+    if table:
+        header = f"{'step':>5}  {'id':>6}  {'prob':>7}  {'text':<{text_width}}"
+        print(header + ("  |  entropy  alternatives (the model's distribution)" if alternatives is not None else ""))
     decoder, tokens, first_token_time = StreamingDecoder(tokenizer), [], None
     for token, probability in steps:
         first_token_time = first_token_time or time.perf_counter()
         tokens.append(token)
-        if show_tokens:
-            print_token_row(len(tokens), token, probability, tokenizer)
+        if table:
+            print_token_row(len(tokens), token, probability, tokenizer, text_width)
+            if alternatives is not None:  # the distribution this token was chosen from
+                print(f"  |  {alternatives_text(tokenizer, alternatives[len(tokens) - 1])}", end="")
+            print()
         else:
             print(decoder.push(token), end="", flush=True)
     print(decoder.flush())
@@ -402,11 +619,13 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
     else:
         steps = sample(model, prompt, max_new_tokens, stop_tokens, TEMPERATURE, TOP_P, SEED)
     if not is_main:  # other ranks take part in every forward pass but print nothing
-        tokens, first_token = [token for token, _ in steps], None
-    else:
-        tokens, first_token = stream_tokens(steps, tokenizer, SHOW_TOKENS)
-    if is_main:
-        print_timing(len(prompt), len(tokens), started, first_token, time.perf_counter())
+        for _ in steps:
+            pass
+        return
+    recorder = recording_alternatives(model, SHOW_ALTERNATIVES) if SHOW_ALTERNATIVES else contextlib.nullcontext()
+    with recorder as alternatives:  # None when SHOW_ALTERNATIVES is 0
+        tokens, first_token = stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives)
+    print_timing(len(prompt), len(tokens), started, first_token, time.perf_counter())
 
 
 def run() -> None:
@@ -424,7 +643,7 @@ def run() -> None:
 
     tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
     prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(folder))
-    if is_main and SHOW_TOKENS:
+    if is_main and SHOW_PROMPT_TOKENS:
         show_tokenizer_file(files.tokenizer)
         show_prompt_tokens(tokenizer, prompt)
 
@@ -437,8 +656,9 @@ def run() -> None:
     if is_main:
         print(f"{folder.name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
+    look_inside(model, tokenizer, prompt, device, is_main)  # 8. looking inside
 
-    generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 8. report
+    generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 9. report
     end_model_parallel()  # close torch.distributed: a process that exits with it open may abort
 
 

@@ -375,7 +375,7 @@ def test_run_inference_script_beam_and_sample_modes(tiny_checkpoint):
     settings = (
         "r.MAX_NEW_TOKENS = 8\nr.DTYPE = 'float32'\n"
         "r.DECODING = 'beam'\nr.BEAM_WIDTH = 3\nr.main()\nprint('=== next run ===')\n"
-        "r.DECODING = 'sample'\nr.SHOW_TOKENS = True\nr.IS_INSTRUCT = True\nr.SYSTEM_PROMPT = 'Be brief.'\n"
+        "r.DECODING = 'sample'\nr.SHOW_TOKENS = True\nr.SHOW_PROMPT_TOKENS = True\nr.IS_INSTRUCT = True\nr.SYSTEM_PROMPT = 'Be brief.'\n"
     )
     finished = run_python(with_settings(settings), checkpoint=folder)
     assert_ran_cleanly(finished)
@@ -383,7 +383,7 @@ def test_run_inference_script_beam_and_sample_modes(tiny_checkpoint):
     assert re.findall(r"^--- beam (\d+):", beam, re.MULTILINE) == ["1", "2", "3"]
     assert re.search(r"^prompt: \d+ tokens, \d+ beam steps of width 3 in ", beam, re.MULTILINE)
     assert "tokenizer.model holds lines of" in sampled
-    assert re.search(r"^\s+0\s+\d+\s+'<\|begin_of_text\|>'$", sampled, re.MULTILINE)  # the prompt table
+    assert re.search(r"^\s+0\s+\d+\s+\(special\)\s+'<\|begin_of_text\|>'$", sampled, re.MULTILINE)  # prompt table
     assert sampled.count("'<|start_header_id|>'") == 3  # system, user and assistant headers
     assert re.search(r"^\s+step\s+id\s+prob\s+text$", sampled, re.MULTILINE)
     assert re.search(r"^prompt: \d+ tokens, generated: \d+ tokens$", sampled, re.MULTILINE)

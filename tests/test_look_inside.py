@@ -1,0 +1,130 @@
+"""run_inference.py's views inside the model (chapter 8), checked against independent computations.
+
+Alternatives against a plain softmax, the logit lens and the attention weights against Hugging Face
+transformers' hidden states and attention weights, the memory report against the checkpoint file and
+the KV-cache formula.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run_inference.py is a script at the repository root
+    sys.path.insert(0, str(REPO_ROOT))
+
+import run_inference  # noqa: E402
+from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
+from llama_models.llama3 import load_llama  # noqa: E402
+
+PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # BOS + "Hello, world" as bytes
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    """(our float32 model, the transformers model, folder) for the tied-output gqa4 checkpoint."""
+    folder = tiny_checkpoint("gqa4")
+    model, _ = load_llama(folder, dtype=torch.float32, max_seq_len=32)
+    reference = hf_model_from_meta_checkpoint(folder, rope_scale_factor=model.args.rope_scale_factor)
+    return model, reference, folder
+
+
+def test_alternatives_are_the_softmax_of_the_logits():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 3
+    ids, probs, entropy_bits = run_inference.next_token_alternatives(logits, k=300)
+    expected = torch.softmax(logits.double(), dim=-1)
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+    assert probs == sorted(probs, reverse=True)
+    assert torch.allclose(torch.tensor(probs, dtype=torch.float64), expected[ids], atol=1e-6)
+    assert entropy_bits == pytest.approx(-(expected * expected.log2()).sum().item(), abs=1e-4)
+
+
+def test_recorded_alternatives_follow_greedy_decoding(models):
+    model, _, _ = models
+    with run_inference.recording_alternatives(model, k=5) as recorded:
+        steps = list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=6))
+    assert len(recorded) == len(steps) == 6  # one distribution per generated token, no extra forward
+    for (token, probability), (ids, probs, _) in zip(steps, recorded):
+        assert ids[0] == token  # greedy takes the top candidate
+        assert probs[0] == pytest.approx(probability, rel=1e-5)
+    assert model.output._forward_hooks == {}  # the hook is gone afterwards
+
+
+def test_logit_lens_matches_transformers_hidden_states(models):
+    model, reference, _ = models
+    rows = run_inference.logit_lens(model, PROMPT)
+    assert [layer for layer, _, _ in rows] == list(range(model.args.n_layers))
+
+    own_logits = model(torch.tensor([PROMPT]), start_pos=0)[0, -1]
+    assert rows[-1][1] == int(own_logits.argmax())  # after the last layer: the model's own prediction
+
+    with torch.no_grad():
+        hidden = reference(torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
+    # hidden[i + 1] is the residual stream after layer i (the last one already has the final norm applied).
+    for layer, token, probability in rows[:-1]:
+        logits = reference.lm_head(reference.model.norm(hidden[layer + 1][0, -1]))
+        probs = torch.softmax(logits.float(), dim=-1)
+        assert token == int(probs.argmax())
+        assert probability == pytest.approx(probs.max().item(), rel=1e-4)
+
+
+def test_memory_report_counts_every_weight_once_and_the_kv_cache_by_its_formula(models):
+    model, _, folder = models
+    report = run_inference.memory_report(model)
+
+    params = json.loads((folder / "params.json").read_text())
+    stored = torch.load(folder / "consolidated.00.pth", weights_only=True)  # no output.weight: tied
+    float32_bytes = sum(tensor.numel() * 4 for tensor in stored.values())
+    assert sum(report["weights"].values()) == float32_bytes
+    assert report["weights"]["output"] == 0
+    assert report["weights"]["embedding"] == stored["tok_embeddings.weight"].numel() * 4
+
+    head_dim = params["dim"] // params["n_heads"]
+    expected_cache = 2 * params["n_layers"] * 1 * 32 * params["n_kv_heads"] * head_dim * 4  # batch 1, 32 positions
+    assert report["kv_cache"] == expected_cache
+
+
+def test_last_layer_attention_matches_transformers(models):
+    model, reference, _ = models
+    attention = run_inference.last_layer_attention(model, PROMPT)  # (heads, seq, seq)
+    with torch.no_grad():
+        expected = reference(torch.tensor([PROMPT]), output_attentions=True).attentions[-1][0]
+    assert attention.shape == expected.shape == (model.args.n_heads, len(PROMPT), len(PROMPT))
+    assert torch.allclose(attention.sum(dim=-1), torch.ones(model.args.n_heads, len(PROMPT)), atol=1e-5)
+    assert (attention - expected).abs().max().item() < 1e-5
+
+
+def test_attention_png_is_written(models, tmp_path):
+    pytest.importorskip("matplotlib")  # optional: the script says how to install it when missing
+    model, _, folder = models
+    path = tmp_path / "attention.png"
+    tokenizer = run_inference.Tokenizer(folder / "tokenizer.model")
+    run_inference.save_attention_png(run_inference.last_layer_attention(model, PROMPT), tokenizer, PROMPT, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_script_shows_every_view(tiny_checkpoint, tmp_path):
+    settings = ("import run_inference as r; r.MAX_NEW_TOKENS = 4; r.SHOW_PROMPT_TOKENS = True; "
+                "r.SHOW_ALTERNATIVES = 3; r.SHOW_LOGIT_LENS = True; r.SHOW_MEMORY = True; "
+                f"r.ATTENTION_PNG = {str(tmp_path / 'a.png')!r}; r.main()")
+    environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(tiny_checkpoint("gqa3")), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run([sys.executable, "-c", settings], capture_output=True, text=True, timeout=120,
+                              env=environment, cwd=REPO_ROOT)
+    assert finished.returncode == 0, finished.stderr
+    for heading in ("base64", "memory:", "KV cache", "logit lens", "entropy", "alternatives"):
+        assert heading in finished.stdout
+    assert finished.stdout.count("|") >= 4  # one alternatives column per generated token
+    assert ("wrote" in finished.stdout) == matplotlib_installed()  # else it names the missing package
+
+
+def matplotlib_installed() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
