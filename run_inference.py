@@ -188,9 +188,9 @@ def show_prompt_tokens(tokenizer: Tokenizer, prompt: list) -> None:
 # ================================================================================================
 # max_seq_len and max_batch_size size the KV cache (chapter 7): every layer keeps, for every sequence
 # and position, a key and a value vector per key/value head. We size it for this prompt plus the
-# answer, not a round default: Meta's example scripts preallocated 32 sequences x 2048 positions
-# (4 GiB for 1B in float32), which costs nothing on a CPU until written (the OS hands out pages
-# lazily) but is real memory at once on an MPS or CUDA GPU.
+# answer, not a round default: the scripts this project grew from kept Meta's ModelArgs defaults, 32
+# sequences x 2048 positions (4 GiB for 1B in float32), which costs nothing on a CPU until written
+# (the OS hands out pages lazily) but is real memory at once on an MPS or CUDA GPU.
 
 
 def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> ModelArgs:
@@ -437,9 +437,9 @@ def print_logit_lens(rows: list, tokenizer: Tokenizer) -> None:
 
 # Memory: where the bytes go. The weights are the bulk; the KV cache is 2 (keys and values) x layers
 # x max_batch_size x max_seq_len x kv heads x head_dim x bytes per number, all of it allocated when
-# the model is built. Meta's example scripts sized it for 32 sequences of 2048 positions in float32
-# (1B: 4 GiB, 8B: 16 GiB) whether or not they were used. A CPU never touches pages nobody writes, so that cost
-# nothing there; on MPS or CUDA the whole cache is real memory at once.
+# the model is built. The scripts this project grew from sized it with Meta's defaults, 32 sequences
+# of 2048 positions in float32 (1B: 4 GiB, 8B: 16 GiB), whether or not they were used. A CPU never
+# touches pages nobody writes, so that cost nothing there; on MPS or CUDA it is real memory at once.
 
 
 def memory_report(model) -> dict:
