@@ -14,11 +14,10 @@ same stages as minimal_run_inference.py, with the explanations that one leaves o
 """
 
 import base64
-import dataclasses
 import contextlib
+import dataclasses
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer
-from llama_models.llama3.model import apply_rope
 from llama_models.llama3.checkpoint import (
     build_model,
     end_model_parallel,
@@ -39,6 +37,7 @@ from llama_models.llama3.checkpoint import (
     resolve_device,
     resolve_dtype,
 )
+from llama_models.llama3.model import apply_rope
 
 # ================================================================================================
 # 1. Settings
@@ -463,10 +462,14 @@ def memory_report(model) -> dict:
     }
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """The process's peak resident memory (RAM), or the GPU's peak allocation on CUDA."""
+def peak_memory_bytes(device: torch.device):
+    """The process's peak resident memory (RAM), the GPU's peak allocation on CUDA, or None (Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
@@ -482,8 +485,8 @@ def print_memory_report(report: dict, device: torch.device) -> None:
     print(f"  {'KV cache':<14} {report['kv_cache'] / mib:>10.1f} MiB = 2 x {sizes['layers']} layers x "
           f"{sizes['max_batch_size']} seqs x {sizes['max_seq_len']} positions x {sizes['kv_heads']} kv heads x "
           f"{sizes['head_dim']} x {sizes['dtype'].itemsize} bytes ({sizes['dtype']})")
-    where = "GPU" if device.type == "cuda" else "process RSS"
-    print(f"  {'peak, ' + where:<14} {peak_memory_bytes(device) / mib:>10.1f} MiB\n")
+    where, peak = "GPU" if device.type == "cuda" else "process RSS", peak_memory_bytes(device)
+    print(f"  {'peak, ' + where:<14} " + (f"{peak / mib:>10.1f} MiB\n" if peak is not None else "(not measured here)\n"))
 
 
 # Attention over the prompt: how much each prompt position looks at every earlier one, in the last

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges, write_checkpoint
+from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
 from llama_models.llama3.checkpoint import resolve_device
 from tokenizer_files import write_byte_level_tokenizer
