@@ -3,11 +3,13 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges
+from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges, write_checkpoint
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
 from llama_models.llama3.checkpoint import resolve_device
 from tokenizer_files import write_byte_level_tokenizer
@@ -191,3 +193,40 @@ def test_unknown_params_fields_are_ignored():
 def test_inconsistent_head_counts(params):
     with pytest.raises(LlamaError, match="not divisible"):
         ModelArgs.from_params(params)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+MEDIUM_SHAPE = dict(dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, multiple_of=256, ffn_dim_multiplier=None,
+                    use_scaled_rope=True, with_output=True)  # ~270 MB in bfloat16
+
+MEASURE_LOAD_MEMORY = """
+import resource, sys, torch
+from llama_models.llama3 import load_llama
+
+def rss_bytes():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+# Warm up on a tiny checkpoint first: torch.distributed, gloo and the matmul libraries take ~25 MB the
+# first time they run, whatever the model's size.
+tiny, _ = load_llama(sys.argv[2], max_seq_len=64)
+tiny(torch.tensor([[1, 2, 3]]), start_pos=0)
+before = rss_bytes()
+model, _ = load_llama(sys.argv[1], max_seq_len=64)  # bfloat16, the checkpoint's own dtype
+model(torch.tensor([[1, 2, 3]]), start_pos=0)  # reads every weight page once
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc/self/status")
+def test_loading_keeps_one_copy_of_the_weights(tiny_checkpoint, tmp_path):
+    """Peak memory added by loading and one forward pass stays within 10% of the file: no second copy."""
+    folder = write_checkpoint(tmp_path / "medium", MEDIUM_SHAPE)
+    file_size = (folder / "consolidated.00.pth").stat().st_size
+    finished = subprocess.run([sys.executable, "-c", MEASURE_LOAD_MEMORY, str(folder), str(tiny_checkpoint("gqa1"))],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    added = int(finished.stdout.split()[-1])
+    assert 0.5 * file_size < added < 1.1 * file_size  # the weights are resident once, not twice
