@@ -201,22 +201,21 @@ MEDIUM_SHAPE = dict(dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, multiple_of
                     use_scaled_rope=True, with_output=True)  # ~270 MB in bfloat16
 
 MEASURE_LOAD_MEMORY = """
-import resource, sys, torch
+import sys, torch
 from llama_models.llama3 import load_llama
 
-def rss_bytes():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+def status_bytes(field):  # VmRSS: resident now; VmHWM: the peak of this program (ru_maxrss would
+    with open("/proc/self/status") as status:  # include the parent's peak, inherited across fork)
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
 # Warm up on a tiny checkpoint first: torch.distributed, gloo and the matmul libraries take ~25 MB the
 # first time they run, whatever the model's size.
 tiny, _ = load_llama(sys.argv[2], max_seq_len=64)
 tiny(torch.tensor([[1, 2, 3]]), start_pos=0)
-before = rss_bytes()
+before = status_bytes("VmRSS")
 model, _ = load_llama(sys.argv[1], max_seq_len=64)  # bfloat16, the checkpoint's own dtype
 model(torch.tensor([[1, 2, 3]]), start_pos=0)  # reads every weight page once
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(peak - before)
+print(status_bytes("VmHWM") - before)
 """
 
 
