@@ -1,0 +1,820 @@
+"""Speed and memory of our Llama 3.x code, side by side with Hugging Face transformers and the roofline.
+
+    python benchmarks/bench.py                          # Llama-3.2-1B shape, bfloat16 and float32
+    python benchmarks/bench.py --shape 8b --dtypes bf16 --json results-8b.json
+    python benchmarks/bench.py --skip-transformers      # ours and the roofline only
+
+What it does, in one run:
+
+1. Writes a random-weight checkpoint in Meta's layout (params.json, tokenizer.model,
+   consolidated.00.pth in bfloat16) at a real Llama shape, once, into the cache folder
+   (~/.cache/llama-models-bench/<shape>/meta), plus the same weights in transformers' layout
+   (<shape>/transformers). Random values run exactly as fast as trained ones; nothing is downloaded.
+2. Measures this machine's sustained memory bandwidth with a large matrix-vector product, and
+   turns it into the roofline: the fastest decode possible when every token must read all weights.
+3. For each dtype, runs our code and transformers' LlamaForCausalLM.generate, each in a fresh
+   subprocess (so its peak RSS is its own): load time, RSS, prefill of a 128-token prompt, greedy
+   decode, beam search of width 4.
+4. Prints a table (each of ours as a ratio to transformers and to the roofline, with the targets
+   of the benchmark issue) and, with --json PATH, writes every number.
+
+Timings are taken in one run on one machine, so read the ratios rather than the absolute numbers:
+other processes running at the same time slow both sides. A step is timed from the start of one
+forward pass to the start of the next; a decode rate is 1 / the median step over --repeats
+generations (after a warm-up), so bursts of load from other processes count little, and a
+prefill is the fastest of the repeats.
+
+Needs torch and our package; the transformers columns need transformers (a dev dependency).
+"""
+
+import argparse
+import base64
+import functools
+import gc
+import itertools
+import json
+import math
+import mmap
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run_inference.py lives at the repository root
+sys.path.insert(1, str(REPO_ROOT / "llama-models"))  # our package, when it is not pip-installed
+
+from llama_models.llama3 import ModelArgs  # after the path set-up above
+
+# params.json of Meta's releases (see ../shared/llama3-facts.md, section 2.1).
+COMMON_PARAMS = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}
+SHAPES = {
+    "1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "ffn_dim_multiplier": 1.5, "multiple_of": 256},
+    "3b": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "ffn_dim_multiplier": 1.0, "multiple_of": 256},
+    "8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim_multiplier": 1.3, "multiple_of": 1024},
+}
+SHAPE_NAMES = {"1b": "Llama-3.2-1B", "3b": "Llama-3.2-3B", "8b": "Llama-3.1-8B"}
+N_BASE_TOKENS = 128000  # lines of tokenizer.model; the 256 special tokens make vocab_size 128256
+DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
+DTYPE_NAMES = {"bf16": "bfloat16", "f32": "float32"}
+PROMPT_LENGTH = 128
+BEAM_WIDTH = 4
+MIB = 2**20
+GIB = 2**30
+DEFAULT_CACHE = Path("~/.cache/llama-models-bench").expanduser()
+# The parent kills a worker when the machine's available memory falls below this, and reports
+# "out of memory", rather than let the kernel's OOM killer pick a victim (maybe another process).
+MEMORY_GUARD_BYTES = 600 * MIB
+
+
+# ================================================================================================
+# The checkpoint in Meta's layout
+# ================================================================================================
+
+
+def model_args(shape: str) -> ModelArgs:
+    return ModelArgs.from_params(meta_params(shape))
+
+
+def meta_params(shape: str) -> dict:
+    return dict(sorted((SHAPES[shape] | COMMON_PARAMS).items()))  # Meta's files list keys alphabetically
+
+
+def meta_tensor_shapes(args: ModelArgs) -> dict:
+    """{name: shape} of a single-shard Meta checkpoint. We always write a separate output.weight:
+    Meta's 1B/3B files hold one too (equal to the embedding); this costs the most memory."""
+    dim, kv_width, hidden = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, dim)}
+    for i in range(args.n_layers):
+        shapes |= {
+            f"layers.{i}.attention.wq.weight": (dim, dim),
+            f"layers.{i}.attention.wk.weight": (kv_width, dim),
+            f"layers.{i}.attention.wv.weight": (kv_width, dim),
+            f"layers.{i}.attention.wo.weight": (dim, dim),
+            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
+            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
+            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
+            f"layers.{i}.attention_norm.weight": (dim,),
+            f"layers.{i}.ffn_norm.weight": (dim,),
+        }
+    return shapes | {"norm.weight": (dim,), "output.weight": (args.vocab_size, dim)}
+
+
+def write_tokenizer(path: Path) -> None:
+    """A valid 128,000-token tokenizer.model: every single byte, every pair of bytes, then three-byte
+    tokens (a pair plus a byte, so BPE can reach them). Its content does not change the speed; it
+    exists so the loader's check vocab_size == 256 special + base tokens holds, without Meta's file."""
+    singles = [bytes([b]) for b in range(256)]
+    pairs = [bytes([a, b]) for a in range(256) for b in range(256)]
+    triples = (pair + bytes([b]) for pair in pairs for b in range(256))
+    tokens = itertools.islice(itertools.chain(singles, pairs, triples), N_BASE_TOKENS)
+    lines = (f"{base64.b64encode(token).decode('ascii')} {rank}\n" for rank, token in enumerate(tokens))
+    path.write_text("".join(lines), encoding="ascii")
+
+
+def fill_random(name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+    """In place, in bfloat16: norms near 1, matrices ~ N(0, 1/fan_in) like a trained model's, so the
+    activations stay in a realistic range."""
+    torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype, out=tensor)
+    if name.endswith("norm.weight"):
+        tensor.mul_(0.1).add_(1.0)
+    else:
+        tensor.mul_(tensor.shape[-1] ** -0.5)
+
+
+def write_weights(path: Path, shapes: dict, seed: int = 0) -> None:
+    """torch.save a {name: bfloat16 tensor} dict without ever holding it in memory (8B is 16 GB).
+
+    First torch.save the dict's structure with empty space where the bytes go (skip_data, from
+    fake tensors that own no memory), then memory-map the file with MAP_SHARED, so that writes land
+    in the file, and fill each tensor in place. Memory use stays at about one tensor; the kernel
+    writes the pages to disk as it needs. The result is an ordinary torch.save file.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        skeleton = {name: torch.empty(shape, dtype=torch.bfloat16) for name, shape in shapes.items()}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(skeleton, path)
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        mapped = torch.load(path, mmap=True, weights_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    for name in shapes:  # a fixed order, so the same seed gives the same weights
+        fill_random(name, mapped[name], generator)
+    del mapped
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def ensure_meta_checkpoint(cache_dir: Path, shape: str) -> Path:
+    """The cached Meta-layout folder for this shape, written first if missing or incomplete."""
+    folder = cache_dir / shape / "meta"
+    weights = folder / "consolidated.00.pth"
+    params_text = json.dumps(meta_params(shape))
+    if weights.is_file() and (folder / "params.json").is_file() and (folder / "params.json").read_text() == params_text:
+        return folder
+    args = model_args(shape)
+    shapes = meta_tensor_shapes(args)
+    size = sum(math.prod(s) for s in shapes.values()) * 2
+    print(f"writing a random {SHAPE_NAMES[shape]}-shaped checkpoint ({size / GIB:.1f} GiB) to {folder} ...", flush=True)
+    check_free_disk(folder, size)
+    started = time.perf_counter()
+    stale_conversion = folder.parent / "transformers" / "model.safetensors.index.json"
+    stale_conversion.unlink(missing_ok=True)  # new weights: convert them again
+    write_tokenizer(folder / "tokenizer.model")
+    partial = folder / "consolidated.00.pth.partial"  # renamed when complete: an interrupted write is redone
+    write_weights(partial, shapes)
+    (folder / "params.json").write_text(params_text)
+    os.replace(partial, weights)
+    print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
+
+
+def check_free_disk(folder: Path, needed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.05:
+        sys.exit(f"error: {folder} has {free / GIB:.1f} GiB free, the checkpoint needs {needed / GIB:.1f} GiB: "
+                 "free some space or pass --cache-dir")
+
+
+# ================================================================================================
+# The same weights in transformers' layout
+# ================================================================================================
+# transformers' users load `config.json` + `*.safetensors` with from_pretrained, so that is what we
+# time. Two differences from Meta's layout: the names, and RoPE's pairing. Meta rotates adjacent
+# channels (0,1), (2,3), ...; transformers rotates channel j with j + head_dim/2. Ordering each head's
+# rows of wq and wk as (0, 2, 4, ..., 1, 3, 5, ...) makes both compute the same attention.
+
+HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+HF_SHARD_BYTES = GIB  # safetensors copies a shard into memory while writing it: keep shards small
+
+
+def hf_name(meta_name: str) -> str:
+    if meta_name in HF_TOP_NAMES:
+        return HF_TOP_NAMES[meta_name]
+    _, index, rest = meta_name.split(".", 2)
+    return f"model.layers.{index}.{HF_LAYER_NAMES[rest]}"
+
+
+def to_half_split_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    per_head = weight.reshape(n_heads, out_features // n_heads // 2, 2, in_features)
+    return per_head.transpose(1, 2).reshape(out_features, in_features).contiguous()
+
+
+def hf_tensor(meta_name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    if meta_name.endswith("attention.wq.weight"):
+        return to_half_split_rows(tensor, args.n_heads)
+    if meta_name.endswith("attention.wk.weight"):
+        return to_half_split_rows(tensor, args.n_kv_heads)
+    return tensor
+
+
+def hf_config(args: ModelArgs):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps, max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scale_factor,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype="bfloat16",
+    )
+
+
+def ensure_hf_checkpoint(meta_folder: Path, shape: str) -> Path:
+    """The cached transformers folder (config.json + sharded safetensors), converted if missing."""
+    from safetensors.torch import save_file
+
+    folder = meta_folder.parent / "transformers"
+    index_path = folder / "model.safetensors.index.json"  # written last: it marks a complete folder
+    if index_path.is_file():
+        return folder
+    print(f"converting it to transformers' layout in {folder} ...", flush=True)
+    check_free_disk(folder, (meta_folder / "consolidated.00.pth").stat().st_size)
+    started, args = time.perf_counter(), model_args(shape)
+    hf_config(args).save_pretrained(folder)
+    meta = torch.load(meta_folder / "consolidated.00.pth", mmap=True, weights_only=True)
+    shards, weight_map, total = shard_names(meta), {}, 0
+    for number, names in enumerate(shards, start=1):
+        file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {hf_name(name): hf_tensor(name, meta[name], args) for name in names}
+        save_file(tensors, folder / file_name, metadata={"format": "pt"})
+        weight_map |= {name: file_name for name in tensors}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index_path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
+
+
+def shard_names(state_dict: dict) -> list:
+    """Group the names into runs of at most HF_SHARD_BYTES (a larger tensor gets a shard alone)."""
+    shards, current, current_bytes = [], [], 0
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > HF_SHARD_BYTES:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    return shards + [current] if current else shards
+
+
+# ================================================================================================
+# The machine and the roofline
+# ================================================================================================
+
+
+def describe_machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    flags = Path("/proc/cpuinfo").read_text()
+    extensions = [name for name in ("avx512f", "avx512_bf16", "amx_bf16") if f" {name}" in flags]
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = None
+    return {"cpu": cpu, "cpu_extensions": extensions, "cores": os.cpu_count(),
+            "ram_gib": round(meminfo_bytes("MemTotal") / GIB, 1), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "transformers": transformers_version,
+            "python": platform.python_version()}
+
+
+def meminfo_bytes(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure_bandwidth(dtype: torch.dtype, size_bytes: int = 2 * GIB, repeats: int = 5) -> float:
+    """Bytes per second a matrix-vector product streams from memory: the work of one decode step.
+
+    The matrix (2 GiB) is several times larger than any CPU cache, so every repetition reads it
+    from DRAM. The best over two matrix widths (the model's narrowest and widest), two kernels
+    (F.linear as the model calls it, torch.mv) and several repetitions: interference from other
+    processes only ever makes it slower, and we want the physical limit.
+    """
+    best = 0.0
+    for cols in (2048, 8192):
+        best = max(best, matvec_bandwidth(size_bytes // (cols * element_bytes(dtype)), cols, dtype, repeats))
+        gc.collect()  # free the matrix before the next one
+    return best
+
+
+def matvec_bandwidth(rows: int, cols: int, dtype: torch.dtype, repeats: int) -> float:
+    weight = torch.empty(rows, cols, dtype=dtype)
+    weight.fill_(0.01)  # touch every page before timing
+    x = torch.full((cols,), 0.5, dtype=dtype)
+    linear_time = min_time(lambda: F.linear(x[None], weight), repeats)
+    mv_time = min_time(lambda: torch.mv(weight, x), repeats)
+    return weight.numel() * weight.element_size() / min(linear_time, mv_time)
+
+
+def min_time(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_len: float, batch: int = 1) -> float:
+    """Bytes one decode step must read: every weight matrix once (shared by the whole batch), one row
+    of the embedding table per sequence, and each sequence's keys and values so far."""
+    element = element_bytes(dtype)
+    shapes = meta_tensor_shapes(args)
+    weights = sum(math.prod(s) for name, s in shapes.items() if name != "tok_embeddings.weight")
+    embedding_rows = batch * args.dim
+    kv_cache = batch * args.n_layers * 2 * kv_len * args.n_kv_heads * args.head_dim
+    return (weights + embedding_rows + kv_cache) * element
+
+
+def ideal_memory_bytes(args: ModelArgs, dtype: torch.dtype, new_tokens: int) -> int:
+    """Weights in `dtype` plus the KV cache both sides hold: BEAM_WIDTH sequences of prompt + answer."""
+    element = element_bytes(dtype)
+    weights = sum(math.prod(s) for s in meta_tensor_shapes(args).values())
+    kv_cache = BEAM_WIDTH * (PROMPT_LENGTH + new_tokens) * args.n_layers * 2 * args.n_kv_heads * args.head_dim
+    return (weights + kv_cache) * element
+
+
+# ================================================================================================
+# Workers: one framework, one dtype, in a fresh process
+# ================================================================================================
+# A worker saves its report to a JSON file after every stage, so a worker killed half-way (out of
+# memory) still tells how far it got. Times are in seconds, memory in MiB.
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: the peak of VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def rss_mib() -> float:
+    return status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    # Not getrusage's ru_maxrss: Linux carries the parent's peak over fork + exec, so a worker
+    # would report the parent's peak (which reaches 16 GB while it writes the 8B checkpoint).
+    return status_mib("VmHWM")
+
+
+def random_prompt() -> list:
+    """128 random ids among the base tokens: the same for both frameworks (content does not matter)."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, N_BASE_TOKENS, (PROMPT_LENGTH,), generator=generator).tolist()
+
+
+class Report(dict):
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def save(self, **values):
+        self.update(values)
+        partial = self.path.with_suffix(".partial")  # a worker killed mid-write leaves the last whole report
+        partial.write_text(json.dumps(self))
+        os.replace(partial, self.path)
+
+
+class ForwardClock:
+    """Records when each forward pass of a model starts, by wrapping the model's forward.
+
+    Both frameworks generate one token per forward pass: the first pass is the prefill (the whole
+    prompt), each later one a decode step. So the time from one start to the next is one complete
+    step (forward pass, choosing the token, for beam search reordering the cache), measured the same
+    way for both, greedy and beam alike, without touching either's generation code.
+    """
+
+    def __init__(self, model):
+        self.starts = []
+        original = model.forward
+
+        @functools.wraps(original)  # transformers inspects forward's signature
+        def timed_forward(*args, **kwargs):
+            self.starts.append(time.perf_counter())
+            return original(*args, **kwargs)
+
+        model.forward = timed_forward
+
+    def time_generation(self, generate) -> tuple[float, list]:
+        """Run generate(); return (prefill seconds, [seconds of each decode step])."""
+        self.starts = []
+        generate()
+        marks = self.starts + [time.perf_counter()]
+        return marks[1] - marks[0], [later - earlier for earlier, later in itertools.pairwise(marks[1:])]
+
+
+def time_repeatedly(clock: ForwardClock, generate, repeats: int) -> dict:
+    """Prefill: the best of the repeats. Decode step: the median of all steps of all repeats.
+
+    Other processes on the machine (a test run, say) slow some steps down several times over; the
+    median ignores such bursts as long as they cover less than half of the steps.
+    """
+    prefills, steps = [], []
+    for _ in range(repeats):
+        prefill, step_times = clock.time_generation(generate)
+        prefills.append(prefill)
+        steps += step_times
+    return {"prefill_s": min(prefills), "step_s": statistics.median(steps), "step_min_s": min(steps),
+            "steps_s": steps}
+
+
+def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int, report: Report) -> None:
+    from llama_models.llama3 import load_llama
+
+    import run_inference
+
+    prompt = random_prompt()
+    report.save(rss_baseline_mib=rss_mib())  # the interpreter, torch and our imports
+    started = time.perf_counter()
+    # max_batch_size = BEAM_WIDTH: one process serves greedy (batch 1) and beam search (batch 4).
+    model, _ = load_llama(folder, device="cpu", dtype=dtype, max_seq_len=PROMPT_LENGTH + new_tokens,
+                          max_batch_size=BEAM_WIDTH)
+    report.save(load_s=time.perf_counter() - started, rss_after_load_mib=rss_mib())
+
+    # Warm-up: the first prefill also reads every weight from the memory-mapped file for the first time.
+    next(run_inference.greedy_decode(model, prompt, 1))
+    report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib())
+
+    def greedy():
+        # islice: stop after the n-th token, before greedy_decode runs a forward pass for token n + 1.
+        return list(itertools.islice(run_inference.greedy_decode(model, prompt, new_tokens), new_tokens))
+
+    def beam():
+        return run_inference.beam_search(model, prompt, BEAM_WIDTH, new_tokens, stop_tokens=frozenset(),
+                                         length_penalty=1.0)
+
+    clock = ForwardClock(model)
+    report.save(greedy=time_repeatedly(clock, greedy, repeats))
+    report.save(beam=time_repeatedly(clock, beam, repeats), peak_rss_mib=peak_rss_mib())
+
+
+def worker_transformers(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int, report: Report) -> None:
+    from transformers import LlamaForCausalLM
+
+    prompt = torch.tensor([random_prompt()])
+    report.save(rss_baseline_mib=rss_mib())
+    started = time.perf_counter()
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+    report.save(load_s=time.perf_counter() - started, rss_after_load_mib=rss_mib())
+
+    def generate(steps, **options):
+        # No end-of-text token is configured, so it generates exactly `steps` tokens, like ours.
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                              do_sample=False, **options)
+
+    generate(1)  # warm-up
+    report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib())
+
+    def greedy():
+        return generate(new_tokens)
+
+    def beam():
+        return generate(new_tokens, num_beams=BEAM_WIDTH, early_stopping=True, length_penalty=1.0)
+
+    clock = ForwardClock(model)
+    report.save(greedy=time_repeatedly(clock, greedy, repeats))
+    report.save(beam=time_repeatedly(clock, beam, repeats), peak_rss_mib=peak_rss_mib())
+
+
+WORKERS = {"ours": worker_ours, "transformers": worker_transformers}
+
+
+def run_worker_main(options) -> None:
+    report = Report(Path(options.result))
+    WORKERS[options.worker](Path(options.checkpoint), DTYPES[options.dtype], options.new_tokens,
+                            options.repeats, report)
+
+
+# ================================================================================================
+# The parent: start workers, watch memory
+# ================================================================================================
+
+
+def run_worker(worker: str, folder: Path, dtype: str, options) -> dict:
+    """Run one worker in a fresh process; returns its report, with "error" set if it failed."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "report.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--checkpoint", str(folder),
+                   "--dtype", dtype, "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats),
+                   "--result", str(result)]
+        print(f"  {worker:<12} {DTYPE_NAMES[dtype]} ...", end="", flush=True)
+        read_into_page_cache(folder)
+        started = time.perf_counter()
+        error, output = watch(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+        report = json.loads(result.read_text()) if result.is_file() else {}
+    print(f" {time.perf_counter() - started:.0f} s" + (f"  FAILED: {error}" if error else ""), flush=True)
+    if error:
+        report["error"] = error
+        if not error.startswith("out of memory"):
+            print("\n".join("      " + line for line in output.splitlines()[-15:]))
+    return report
+
+
+def read_into_page_cache(folder: Path) -> None:
+    """Read a checkpoint's files once, so that every worker starts with its files in the OS page
+    cache. Otherwise the order of the runs would decide: two 15 GB copies of 8B do not both fit
+    in 24 GiB, and the side that ran last would find its file cached and the other's not."""
+    buffer = bytearray(64 * MIB)
+    for path in sorted(folder.iterdir()):
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
+def watch(process: subprocess.Popen) -> tuple:
+    """Wait for the worker, killing it if available memory runs out. Returns (error or None, output)."""
+    output_file = process.stdout
+    os.set_blocking(output_file.fileno(), False)
+    chunks, killed_for_memory = [], False
+    while process.poll() is None:
+        chunks.append(output_file.read() or b"")
+        if meminfo_bytes("MemAvailable") < MEMORY_GUARD_BYTES:
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the worker and nothing else
+            killed_for_memory = True
+            process.wait()
+        time.sleep(0.2)
+    chunks.append(output_file.read() or b"")
+    output = b"".join(chunks).decode(errors="replace")
+    if killed_for_memory:
+        return f"out of memory (killed below {MEMORY_GUARD_BYTES // MIB} MiB available)", output
+    if process.returncode == -signal.SIGKILL:
+        return "killed (SIGKILL: the kernel's out-of-memory killer?)", output
+    if process.returncode != 0:
+        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {process.returncode}"
+        return last[:200], output
+    return None, output
+
+
+# ================================================================================================
+# The table
+# ================================================================================================
+
+
+def derived_metrics(report: dict) -> dict:
+    """Rates, and memory net of the process's own baseline (interpreter and libraries)."""
+    out = {}
+    if "greedy" in report:
+        out["decode_tok_s"] = 1 / report["greedy"]["step_s"]
+        out["prefill_tok_s"] = PROMPT_LENGTH / report["greedy"]["prefill_s"]
+    if "beam" in report:
+        out["beam_steps_s"] = 1 / report["beam"]["step_s"]
+        out["beam_step_vs_greedy"] = report["beam"]["step_s"] / report["greedy"]["step_s"]
+    for key in ("load_s", "first_token_s"):
+        if key in report:
+            out[key] = report[key]
+    for key in ("rss_after_load_mib", "rss_after_first_forward_mib", "peak_rss_mib"):
+        if key in report:
+            out[key] = report[key] - report["rss_baseline_mib"]
+    return out
+
+
+def at_least(value, limit):
+    """None (cannot be judged) when the value is missing, e.g. transformers was not run."""
+    return None if value is None else value >= limit
+
+
+# (key, label, roofline key or None, target check or None, target text). A check gets (ours,
+# ours/transformers, ours/roofline) and says True, False or None (not measured in this run).
+ROWS = [
+    ("decode_tok_s", "decode tok/s", "decode_tok_s",
+     lambda o, t, r: None if t is None else r >= 0.9 and t > 1, ">=0.90 roofline, >1 vs tf (bf16)"),
+    ("prefill_tok_s", "prefill tok/s (128-token prompt)", None, lambda o, t, r: at_least(t, 1.0), ">=1 vs tf"),
+    ("beam_steps_s", "beam-4 steps/s", "beam_steps_s", None, ""),
+    ("beam_step_vs_greedy", "beam-4 step / greedy step (x)", None, lambda o, t, r: o <= 1.6, "<=1.6"),
+    ("load_s", "load s", None, None, ""),
+    ("first_token_s", "load + first token s", None, None, ""),
+    ("rss_after_load_mib", "RSS after load MiB", "memory_mib", None, ""),
+    ("rss_after_first_forward_mib", "RSS after 1st forward MiB", "memory_mib", None, ""),
+    ("peak_rss_mib", "peak RSS MiB", "memory_mib", lambda o, t, r: r <= 1.1, "<=1.10 x ideal"),
+]
+VERDICTS = {True: "yes", False: "NO", None: "not measured"}
+HEADER = ("metric", "ours", "transformers", "ours/tf", "roofline", "ours/roofl", "target")
+
+
+def fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def table_rows(dtype: str, ours: dict, theirs: dict, roofline: dict) -> list:
+    rows = []
+    for key, label, roof_key, check, target_text in ROWS:
+        mine, other, roof = ours.get(key), theirs.get(key), roofline.get(roof_key)
+        vs_tf = mine / other if mine is not None and other else None
+        vs_roof = mine / roof if mine is not None and roof else None
+        target = ""
+        applies = check is not None and mine is not None and not (key == "decode_tok_s" and dtype != "bf16")
+        if applies:
+            target = f"{target_text}: {VERDICTS[check(mine, vs_tf, vs_roof)]}"
+        rows.append((label, fmt(mine), fmt(other), fmt(vs_tf), fmt(roof), fmt(vs_roof), target))
+    return rows
+
+
+def markdown_row(cells, widths) -> str:
+    """Text columns (the first and last) aligned left, numbers right."""
+    last = len(cells) - 1
+    padded = [str(cell).ljust(width) if i in (0, last) else str(cell).rjust(width)
+              for i, (cell, width) in enumerate(zip(cells, widths, strict=True))]
+    return "| " + " | ".join(padded) + " |"
+
+
+def print_table(title: str, rows: list, notes: list) -> None:
+    print(f"\n### {title}\n")
+    if rows:  # none when the dtype was skipped
+        widths = [max(len(str(row[i])) for row in [HEADER] + rows) for i in range(len(HEADER))]
+        print(markdown_row(HEADER, widths))
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in rows:
+            print(markdown_row(row, widths))
+        print()
+    print("\n".join(notes))
+
+
+def roofline_for(args: ModelArgs, dtype: torch.dtype, bandwidth: float, new_tokens: int) -> dict:
+    kv_len = PROMPT_LENGTH + new_tokens / 2  # the average position of a decode step
+    return {
+        "bytes_per_token": bytes_per_token(args, dtype, kv_len),
+        "decode_tok_s": bandwidth / bytes_per_token(args, dtype, kv_len),
+        "beam_steps_s": bandwidth / bytes_per_token(args, dtype, kv_len, batch=BEAM_WIDTH),
+        "memory_mib": ideal_memory_bytes(args, dtype, new_tokens) / MIB,
+    }
+
+
+# ================================================================================================
+# main
+# ================================================================================================
+
+
+def parse_options(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model shape (default 1b)")
+    parser.add_argument("--dtypes", default="bf16,f32", help="comma-separated, of bf16 and f32 (default both)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations per measurement (default 2)")
+    parser.add_argument("--skip-transformers", action="store_true", help="ours and the roofline only")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"checkpoints go here ({DEFAULT_CACHE})")
+    parser.add_argument("--json", type=Path, help="also write every number to this file")
+    for internal in ("--worker", "--checkpoint", "--dtype", "--result"):  # the parent calls itself
+        parser.add_argument(internal, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    options.dtypes = [d.strip() for d in options.dtypes.split(",") if d.strip()]
+    unknown = [d for d in options.dtypes if d not in DTYPES]
+    if unknown or not options.dtypes:
+        parser.error(f"--dtypes: use bf16 and/or f32, not {','.join(unknown) or 'nothing'}")
+    if options.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the first token comes from the prefill)")
+    return options
+
+
+def transformers_available() -> bool:
+    try:
+        import safetensors  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def skip_reason(args: ModelArgs, dtype: str) -> str:
+    """Weights that cannot fit in this machine's memory are not attempted (8B in float32 is 32 GB)."""
+    needed = ideal_memory_bytes(args, DTYPES[dtype], 0)
+    if needed > 0.9 * meminfo_bytes("MemTotal"):
+        return f"skipped: {DTYPE_NAMES[dtype]} weights need {needed / GIB:.1f} GiB, this machine has " \
+               f"{meminfo_bytes('MemTotal') / GIB:.1f} GiB"
+    return ""
+
+
+def print_machine(machine: dict) -> None:
+    print(f"machine: {machine['cpu']} ({', '.join(machine['cpu_extensions'])}), {machine['cores']} cores, "
+          f"{machine['ram_gib']} GiB RAM; torch {machine['torch']} ({machine['torch_threads']} threads), "
+          f"transformers {machine['transformers'] or 'not installed'}, python {machine['python']}")
+
+
+def measure_all_bandwidths(when: str) -> dict:
+    bandwidth = {dtype: measure_bandwidth(DTYPES[dtype]) for dtype in DTYPES}
+    print(f"memory bandwidth {when} (2 GiB matrix-vector products, best): "
+          + ", ".join(f"{DTYPE_NAMES[d]} {b / 1e9:.1f} GB/s" for d, b in bandwidth.items()), flush=True)
+    return bandwidth
+
+
+def main() -> None:
+    options = parse_options()
+    if options.worker:
+        run_worker_main(options)
+        return
+    with_transformers = not options.skip_transformers and transformers_available()
+    if not options.skip_transformers and not with_transformers:
+        print("transformers (and safetensors) are not installed: `pip install -r requirements-dev.txt` for "
+              "the comparison columns; running ours and the roofline only")
+    args = model_args(options.shape)
+    meta_folder = ensure_meta_checkpoint(options.cache_dir, options.shape)
+    hf_folder = ensure_hf_checkpoint(meta_folder, options.shape) if with_transformers else None
+    checkpoint_bytes = (meta_folder / "consolidated.00.pth").stat().st_size
+
+    machine = describe_machine()
+    print_machine(machine)
+    # Measured before and after the workers, best of both: a burst of load from other processes at
+    # one of the two moments does not lower the roofline.
+    before = measure_all_bandwidths("before")
+    reports = {dtype: run_workers(dtype, args, meta_folder, hf_folder, options) for dtype in options.dtypes}
+    after = measure_all_bandwidths("after")
+    bandwidth = {dtype: max(before[dtype], after[dtype]) for dtype in DTYPES}
+    best_bandwidth = max(bandwidth.values())  # the physical limit, whichever dtype reached it
+
+    results = {"shape": SHAPE_NAMES[options.shape], "params": meta_params(options.shape), "machine": machine,
+               "checkpoint_bytes": checkpoint_bytes, "prompt_tokens": PROMPT_LENGTH,
+               "new_tokens": options.new_tokens, "beam_width": BEAM_WIDTH, "repeats": options.repeats,
+               "bandwidth_bytes_per_s": {DTYPE_NAMES[d]: b for d, b in bandwidth.items()},
+               "roofline_bandwidth_bytes_per_s": best_bandwidth,
+               "dtypes": {DTYPE_NAMES[d]: summarise(d, reports[d], args, best_bandwidth, options.new_tokens)
+                          for d in options.dtypes}}
+    print_results(results, options)
+    if options.json:
+        options.json.parent.mkdir(parents=True, exist_ok=True)
+        options.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {options.json}")
+
+
+def run_workers(dtype: str, args: ModelArgs, meta_folder: Path, hf_folder, options) -> dict:
+    reason = skip_reason(args, dtype)
+    if reason:
+        return {"skipped": reason}
+    print(f"\n{DTYPE_NAMES[dtype]}:")
+    reports = {"ours": run_worker("ours", meta_folder, dtype, options)}
+    if hf_folder is not None:
+        reports["transformers"] = run_worker("transformers", hf_folder, dtype, options)
+    return reports
+
+
+def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, new_tokens: int) -> dict:
+    """Everything about one dtype: raw worker reports, derived metrics, roofline, table rows, notes."""
+    roofline = roofline_for(args, DTYPES[dtype], bandwidth, new_tokens)
+    if "skipped" in reports:
+        return {"roofline": roofline, "rows": [], "notes": [reports["skipped"]]}
+    metrics = {side: derived_metrics(report) for side, report in reports.items()}
+    notes = []
+    for side, report in reports.items():
+        if "error" in report:
+            notes.append(f"{side} failed: {report['error']} (the numbers shown are those it reached)")
+        elif "rss_baseline_mib" in report:
+            notes.append(f"{side}: RSS before loading {report['rss_baseline_mib']:.0f} MiB")
+    if "transformers" not in reports:
+        notes.append("transformers: not run")
+    rows = table_rows(dtype, metrics["ours"], metrics.get("transformers", {}), roofline)
+    return {"reports": reports, "metrics": metrics, "roofline": roofline, "rows": rows, "notes": notes}
+
+
+def print_results(results: dict, options) -> None:
+    print(f"\n{results['shape']}-shaped random checkpoint, {results['checkpoint_bytes'] / GIB:.2f} GiB (bfloat16); "
+          f"prompt {PROMPT_LENGTH} tokens, {options.new_tokens} new tokens, {options.repeats} repeats")
+    for dtype_name, entry in results["dtypes"].items():
+        print_table(dtype_name, entry["rows"], entry["notes"])
+    print(f"\nroofline = {results['roofline_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (the best measured bandwidth) / "
+          "bytes read per token (all weights but the embedding table, plus the KV cache); for memory rows: "
+          f"weights in the dtype + KV cache for {BEAM_WIDTH} x {PROMPT_LENGTH + options.new_tokens} positions. "
+          "RSS rows are net of the process's RSS before loading (interpreter and libraries).")
+
+
+if __name__ == "__main__":
+    main()
