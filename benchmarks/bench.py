@@ -52,8 +52,10 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run_inference.py lives at the repository root
 sys.path.insert(1, str(REPO_ROOT / "llama-models"))  # our package, when it is not pip-installed
+sys.path.insert(2, str(REPO_ROOT / "tests"))  # Meta's tensor layout and the transformers key mapping
 
-from llama_models.llama3 import ModelArgs  # after the path set-up above
+import checkpoints as test_checkpoints  # noqa: E402  (after the path set-up above)
+from llama_models.llama3 import ModelArgs  # noqa: E402
 
 # params.json of Meta's releases (see ../shared/llama3-facts.md, section 2.1).
 COMMON_PARAMS = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}
@@ -90,23 +92,11 @@ def meta_params(shape: str) -> dict:
 
 
 def meta_tensor_shapes(args: ModelArgs) -> dict:
-    """{name: shape} of a single-shard Meta checkpoint. We always write a separate output.weight:
-    Meta's 1B/3B files hold one too (equal to the embedding); this costs the most memory."""
-    dim, kv_width, hidden = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (args.vocab_size, dim)}
-    for i in range(args.n_layers):
-        shapes |= {
-            f"layers.{i}.attention.wq.weight": (dim, dim),
-            f"layers.{i}.attention.wk.weight": (kv_width, dim),
-            f"layers.{i}.attention.wv.weight": (kv_width, dim),
-            f"layers.{i}.attention.wo.weight": (dim, dim),
-            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
-            f"layers.{i}.attention_norm.weight": (dim,),
-            f"layers.{i}.ffn_norm.weight": (dim,),
-        }
-    return shapes | {"norm.weight": (dim,), "output.weight": (args.vocab_size, dim)}
+    """{name: shape} of a single-shard Meta checkpoint (the tests' table). We always write a separate
+    output.weight: Meta's 1B/3B files hold one too (equal to the embedding); this costs the most memory."""
+    shape = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                 multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier, with_output=True)
+    return test_checkpoints.meta_tensor_shapes(shape, args.vocab_size)
 
 
 def write_tokenizer(path: Path) -> None:
@@ -195,40 +185,27 @@ def check_free_disk(folder: Path, needed: int) -> None:
 # channels (0,1), (2,3), ...; transformers rotates channel j with j + head_dim/2. Ordering each head's
 # rows of wq and wk as (0, 2, 4, ..., 1, 3, 5, ...) makes both compute the same attention.
 
-HF_LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
 HF_SHARD_BYTES = GIB  # safetensors copies a shard into memory while writing it: keep shards small
 
 
 def hf_name(meta_name: str) -> str:
+    from hf_reference import META_TO_HF_LAYER_KEYS  # tests/hf_reference.py needs transformers
+
     if meta_name in HF_TOP_NAMES:
         return HF_TOP_NAMES[meta_name]
     _, index, rest = meta_name.split(".", 2)
-    return f"model.layers.{index}.{HF_LAYER_NAMES[rest]}"
-
-
-def to_half_split_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    out_features, in_features = weight.shape
-    per_head = weight.reshape(n_heads, out_features // n_heads // 2, 2, in_features)
-    return per_head.transpose(1, 2).reshape(out_features, in_features).contiguous()
+    return f"model.layers.{index}.{META_TO_HF_LAYER_KEYS[rest]}"
 
 
 def hf_tensor(meta_name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    from hf_reference import interleaved_to_half_split_rows
+
     if meta_name.endswith("attention.wq.weight"):
-        return to_half_split_rows(tensor, args.n_heads)
+        return interleaved_to_half_split_rows(tensor, args.n_heads)
     if meta_name.endswith("attention.wk.weight"):
-        return to_half_split_rows(tensor, args.n_kv_heads)
+        return interleaved_to_half_split_rows(tensor, args.n_kv_heads)
     return tensor
 
 

@@ -9,8 +9,6 @@ import base64
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
 from llama_models.llama3.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +43,8 @@ def _check_reachable(merge: bytes, earlier_tokens: list[bytes]) -> None:
 
 def real_tokenizer_or_skip() -> Tokenizer:
     """The real Llama 3 tokenizer, or skip the calling test when its file is absent."""
+    import pytest  # only here: benchmarks/ imports this module's neighbours without pytest
+
     if not REAL_TOKENIZER.is_file():
         pytest.skip(f"real Llama 3 tokenizer not found at {REAL_TOKENIZER}")
     return Tokenizer(REAL_TOKENIZER)
