@@ -538,11 +538,9 @@ def save_attention_png(attention: torch.Tensor, tokenizer: Tokenizer, prompt: li
     print(f"wrote {path}\n")
 
 
-def look_inside(model, tokenizer: Tokenizer, prompt: list, device: torch.device, is_main: bool) -> None:
-    """The views chosen in the settings that need the loaded model (alternatives come with decoding).
+def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> None:
+    """The views of the prompt chosen in the settings (alternatives come with decoding, memory after it).
     Every process runs the forward passes (under torchrun they need each other); rank 0 prints."""
-    if SHOW_MEMORY and is_main:
-        print_memory_report(memory_report(model), device)
     if SHOW_LOGIT_LENS:
         rows = logit_lens(model, prompt)
         if is_main:
@@ -659,9 +657,11 @@ def run() -> None:
     if is_main:
         print(f"{folder.name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
-    look_inside(model, tokenizer, prompt, device, is_main)  # 8. looking inside
+    look_inside(model, tokenizer, prompt, is_main)  # 8. looking inside
 
     generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 9. report
+    if SHOW_MEMORY and is_main:  # after decoding: memory-mapped weights are read in on first use
+        print_memory_report(memory_report(model), device)
     end_model_parallel()  # close torch.distributed: a process that exits with it open may abort
 
 
