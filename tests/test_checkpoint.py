@@ -11,7 +11,6 @@ import torch
 
 from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges, write_checkpoint
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
-from llama_models.llama3.checkpoint import resolve_device
 from tokenizer_files import write_byte_level_tokenizer
 
 
@@ -154,10 +153,6 @@ def test_unavailable_cuda(tiny_checkpoint):
     assert "not available" in load_error(tiny_checkpoint("gqa1"), device="cuda")
 
 
-def test_auto_device_picks_an_available_one():
-    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
-
-
 # --- ModelArgs ----------------------------------------------------------------------------------
 
 # (dim, multiple_of, ffn_dim_multiplier) of Meta's models and their FFN width, from the facts file.
@@ -229,3 +224,32 @@ def test_loading_keeps_one_copy_of_the_weights(tiny_checkpoint, tmp_path):
     assert finished.returncode == 0, finished.stderr
     added = int(finished.stdout.split()[-1])
     assert 0.5 * file_size < added < 1.1 * file_size  # the weights are resident once, not twice
+
+
+def test_output_weight_stored_as_the_embedding_stays_one_tensor(checkpoint_copy):
+    """Meta's 3.2 1B/3B files hold output.weight as the embedding's own storage: converting it
+    (here to float32) must still give one matrix, not two."""
+    path = checkpoint_copy / "consolidated.00.pth"
+    state_dict = torch.load(path, weights_only=True)
+    state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # torch.save keeps the sharing
+    torch.save(state_dict, path)
+    model, _ = load_llama(checkpoint_copy, dtype=torch.float32)
+    assert model.output.weight.dtype == torch.float32
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+def test_model_is_built_without_memory_for_its_weights(monkeypatch):
+    """Weights start as meta-device placeholders, also as process 1 of 2 under a GPU-like default
+    device (the meta device stands in for CUDA here): nothing is allocated before loading."""
+    from llama_models.llama3 import model as model_module
+
+    monkeypatch.setattr(model_module, "get_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(model_module, "get_model_parallel_rank", lambda: 1)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=16)
+    with torch.device("meta"):
+        model = model_module.Transformer(args)
+    weights = {name: weight for name, weight in model.named_parameters() if not name.endswith("norm.weight")}
+    assert all(weight.is_meta for weight in weights.values())
+    assert weights["layers.0.attention.wq.weight"].shape == (32, 64)  # half of the 64 query rows
+    assert weights["layers.0.attention.wo.weight"].shape == (64, 32)  # half of the 64 input columns
+    assert model.tok_embeddings.vocab_start_index == 256  # process 1 owns the second half of the vocabulary

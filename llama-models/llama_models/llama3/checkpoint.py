@@ -258,6 +258,11 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
     return tensors
 
 
+def same_memory(tensor: torch.Tensor) -> tuple:
+    """Equal for two tensors that view the same numbers, even as different Python objects."""
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride())
+
+
 def load_weights(model: Transformer, files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> None:
     """Make this process's slices of the checkpoint's tensors the model's parameters.
 
@@ -270,12 +275,13 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     weights = files.shards[0] if len(files.shards) == 1 else files.folder  # named in error messages
     tensors = match_checkpoint_to_model(state_dict, model, weights)
     # On the CPU in the file's dtype, `.to` returns the memory-mapped tensor itself: no copy at all.
-    # Tied matrices are converted once, so they stay one tensor on the device too.
+    # Tied matrices (Meta's 3.2 1B/3B files store output.weight as the embedding's storage) are
+    # converted once, so they stay one tensor on the device too.
     converted = {}
     for name, tensor in tensors.items():
-        if id(tensor) not in converted:
-            converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
-        tensors[name] = converted[id(tensor)]
+        if same_memory(tensor) not in converted:
+            converted[same_memory(tensor)] = tensor.to(device=device, dtype=dtype)
+        tensors[name] = converted[same_memory(tensor)]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.requires_grad_(False)  # inference only: autograd needs no bookkeeping for these
 

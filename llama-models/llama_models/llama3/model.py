@@ -9,10 +9,10 @@
 Every module name equals a key in Meta's `consolidated.00.pth` (`layers.0.attention.wq.weight`, ...),
 so the checkpoint loads with `load_state_dict(strict=True)` and no renaming.
 
-The linear layers and the embedding come from fairscale's model-parallel package (the linear layers
-subclassed only to choose the fastest product, see `linear`). With one process they behave like
-`nn.Linear(bias=False)` and `nn.Embedding`; with N processes (torchrun) each process holds 1/N of
-every matrix and fairscale adds the communication. The local sizes below
+The linear layers and the embedding are fairscale's model-parallel layers (with our constructors
+and matrix product, see "Parallel layers"). With one process they behave like `nn.Linear(bias=False)`
+and `nn.Embedding`; with N processes (torchrun) each process holds 1/N of every matrix and fairscale
+adds the communication. The local sizes below
 (`n_local_heads`, ...) are the per-process share.
 
 Shapes use: batch, seq (tokens in this call), kv_len (tokens cached so far plus this call),
@@ -24,30 +24,34 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import get_model_parallel_world_size
+from fairscale.nn.model_parallel import get_model_parallel_rank, get_model_parallel_world_size
 from fairscale.nn.model_parallel import layers as fairscale_layers
-from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
+from fairscale.nn.model_parallel.utils import VocabUtility
 from torch import nn
 
 from .args import LlamaError, ModelArgs
 
 
-def _keep_uninitialised(weight: torch.Tensor) -> torch.Tensor:
-    """fairscale's `init_method`: leave the weight as allocated, since the checkpoint replaces it.
-
-    fairscale allocates its weights with the legacy `torch.Tensor(rows, cols)` constructor, which
-    ignores `torch.device("meta")` and the default device: it always reserves CPU memory. Left
-    untouched, the operating system never backs those pages with RAM, and `load_state_dict(...,
-    assign=True)` swaps them for the checkpoint's tensors, so no second copy of the weights exists.
-    Random initialisation here would write every page and double the memory.
-    """
-    return weight
-
-
 # ------------------------------------------------------------------------------------------------
-# Linear layers
+# Parallel layers
 # ------------------------------------------------------------------------------------------------
+# fairscale's ColumnParallelLinear, RowParallelLinear and VocabParallelEmbedding, with two changes:
+#
+# 1. Construction. fairscale's own __init__ allocates each weight in CPU memory (with the legacy
+#    torch.Tensor(rows, cols), which ignores the default device) and initialises it; with several
+#    processes it first builds the whole unsharded matrix and copies this process's slice out of
+#    it, which writes every page and fails outright when the default device is a GPU. The checkpoint
+#    replaces every weight anyway, so our __init__ sets the same attributes and gives the weight a
+#    placeholder on the meta device: a shape with no memory behind it. `load_state_dict(...,
+#    assign=True)` then puts the checkpoint's tensors in its place, and no second copy ever exists.
+#
+# 2. The product of the linear layers, `linear`, is chosen for speed (below). fairscale's mapping
+#    functions still do all the communication between processes.
+
+
+def _weight_placeholder(rows: int, cols: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -56,9 +60,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Decoding one token multiplies a single row by every matrix, so its time goes into streaming the
     weights from memory. For that case on the CPU, torch.mv (matrix times vector) streams bfloat16
     weights faster than F.linear, whose one-row oneDNN kernel reached 17-23 GB/s where mv reached
-    24-28 GB/s on a 2-core Xeon: Llama 3.2 1B decoding went from 6.7 to 8.5 tokens/s, 8B from 1.0 to
-    1.6. Both compute the same dot products; only the order of the additions differs. GPUs keep
-    F.linear (not measured there).
+    24-28 GB/s on a 2-core Xeon: in an A/B run Llama 3.2 1B decoding went from 6.7 to 8.5 tokens/s,
+    8B from 1.0 to 1.6. Both compute the same dot products; only the order of the additions differs.
+    GPUs keep F.linear (not measured there).
     """
     if x.device.type == "cpu" and x.numel() == x.shape[-1]:  # one row, e.g. (1, 1, in) in a decode step
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
@@ -66,11 +70,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class ColumnParallelLinear(fairscale_layers.ColumnParallelLinear):
-    """fairscale's column-parallel layer, multiplying with `linear`; no bias (Llama has none).
+    """y = x @ W.T, where each process holds a block of W's rows (outputs). No bias (Llama has none).
 
-    Each process holds a block of the output rows, so it needs the whole input (which every process
-    has) and produces its block of the output; gather_output=True concatenates all processes' blocks.
+    Every process has the whole input, so it computes its block of the output without talking to
+    the others; gather_output=True then concatenates all processes' blocks.
     """
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = True):
+        nn.Module.__init__(self)  # not fairscale's __init__: see "Parallel layers" above
+        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        self.output_size_per_partition = out_features // get_model_parallel_world_size()
+        self.weight = _weight_placeholder(self.output_size_per_partition, in_features)
+        self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight)  # (..., out / n_processes)
@@ -78,14 +89,41 @@ class ColumnParallelLinear(fairscale_layers.ColumnParallelLinear):
 
 
 class RowParallelLinear(fairscale_layers.RowParallelLinear):
-    """fairscale's row-parallel layer, multiplying with `linear`; no bias (Llama has none).
+    """y = x @ W.T, where each process holds a block of W's columns (inputs). No bias.
 
-    Each process holds a block of the input columns and receives the matching block of the input
-    (input_is_parallel=True); the partial products are summed across processes (an all-reduce).
+    Each process receives the matching block of the input (the heads or hidden units it computed
+    itself), and the partial products are summed across processes (an all-reduce).
     """
+
+    def __init__(self, in_features: int, out_features: int):
+        nn.Module.__init__(self)  # not fairscale's __init__: see "Parallel layers" above
+        self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, True
+        self.input_size_per_partition = in_features // get_model_parallel_world_size()
+        self.weight = _weight_placeholder(out_features, self.input_size_per_partition)
+        self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reduce_from_model_parallel_region(linear(x, self.weight))  # (..., out)
+
+
+class VocabParallelEmbedding(fairscale_layers.VocabParallelEmbedding):
+    """Token id -> row of the embedding matrix, each process holding a block of the vocabulary.
+
+    fairscale's forward: a process looks up the ids it owns, writes zeros for the others, and the
+    processes sum their results, so every process ends with every token's vector.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        nn.Module.__init__(self)  # not fairscale's __init__: see "Parallel layers" above
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        # F.embedding's options, which fairscale's forward passes on: all off, as in nn.Embedding.
+        self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, None, 2.0, False, False
+        rank, size = get_model_parallel_rank(), get_model_parallel_world_size()
+        self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
+            num_embeddings, rank, size
+        )
+        self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
+        self.weight = _weight_placeholder(self.num_embeddings_per_partition, embedding_dim)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +164,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """One rotation speed per channel pair, fastest first: theta^(-2i/head_dim).   # (head_dim/2,)"""
-    pair_index = torch.arange(0, args.head_dim, 2, dtype=torch.float32)
+    pair_index = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device="cpu")
     freqs = 1.0 / (args.rope_theta ** (pair_index / args.head_dim))
     if args.use_scaled_rope:
         freqs = scale_rope_frequencies(freqs, args.rope_scale_factor)
@@ -162,7 +200,7 @@ def rope_cos_sin(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
     Computed in float32 on the CPU so every device uses the same table.
     """
-    positions = torch.arange(args.max_seq_len, dtype=torch.float32)
+    positions = torch.arange(args.max_seq_len, dtype=torch.float32, device="cpu")
     angles = torch.outer(positions, rope_frequencies(args))
     return torch.cos(angles), torch.sin(angles)
 
@@ -229,11 +267,10 @@ class Attention(nn.Module):
         q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         # Column-parallel: each process computes a slice of the heads. Row-parallel: each process
         # projects its heads back to `dim`, and fairscale sums the partial results.
-        common = dict(bias=False, init_method=_keep_uninitialised)
-        self.wq = ColumnParallelLinear(args.dim, q_width, gather_output=False, **common)
-        self.wk = ColumnParallelLinear(args.dim, kv_width, gather_output=False, **common)
-        self.wv = ColumnParallelLinear(args.dim, kv_width, gather_output=False, **common)
-        self.wo = RowParallelLinear(q_width, args.dim, input_is_parallel=True, **common)
+        self.wq = ColumnParallelLinear(args.dim, q_width, gather_output=False)
+        self.wk = ColumnParallelLinear(args.dim, kv_width, gather_output=False)
+        self.wv = ColumnParallelLinear(args.dim, kv_width, gather_output=False)
+        self.wo = RowParallelLinear(q_width, args.dim)
         # Buffers (so `.to()` moves and casts them) but not persistent (they are not in checkpoints).
         cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
@@ -288,10 +325,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        common = dict(bias=False, init_method=_keep_uninitialised)
-        self.w1 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, gather_output=False, **common)
-        self.w3 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, gather_output=False, **common)
-        self.w2 = RowParallelLinear(args.ffn_hidden_dim, args.dim, input_is_parallel=True, **common)
+        self.w1 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, gather_output=False)
+        self.w3 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, gather_output=False)
+        self.w2 = RowParallelLinear(args.ffn_hidden_dim, args.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, seq, dim) -> same
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # hidden: (batch, seq, ffn_hidden_dim)
@@ -330,10 +366,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep_uninitialised)
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep_uninitialised)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size)  # gathers every process's vocabulary slice
         # A plain attribute, not a buffer: `model.to(torch.bfloat16)` must not round the angles.
         self.rope_cos, self.rope_sin = rope_cos_sin(args)
 
