@@ -25,6 +25,8 @@ def main():
     folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME)
     if not (folder / "params.json").is_file():
         raise LlamaError(f"no checkpoint at {folder}: set MODEL_NAME and LLAMA_MODELS_DIR (or LLAMA_CHECKPOINT_DIR)")
+    if len(list(folder.glob("*.pth"))) > 1:
+        raise LlamaError(f"{folder} is split into several shards: run it with run_inference.py and torchrun")
     device = resolve_device(DEVICE)
 
     # 2. Start torch.distributed and fairscale (a group of one process)
@@ -54,7 +56,7 @@ def main():
         model = Transformer(args)
 
     # 6. Load the weights (memory-mapped: no copy on the CPU)
-    weights = torch.load(folder / "consolidated.00.pth", mmap=True, weights_only=True)
+    weights = torch.load(folder / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True)
     weights.setdefault("output.weight", weights["tok_embeddings.weight"])  # 3.2 1B/3B may share one matrix
     model.load_state_dict(weights, strict=True, assign=True)
     model.to(device)
@@ -75,6 +77,7 @@ def main():
     # 8. Report
     print(decoder.flush())
     print(f"\n{len(generated)} tokens at {len(generated) / (time.perf_counter() - started):.1f} tokens/s")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -82,3 +85,5 @@ if __name__ == "__main__":
         main()
     except LlamaError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted")

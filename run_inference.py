@@ -8,8 +8,8 @@ same stages as minimal_run_inference.py, with the explanations that one leaves o
 
     1. Settings                      6. Load the weights
     2. Start torch.distributed       7. Decode: greedy, beam search, sampling (prefill + KV cache)
-    3. Read params.json              8. Looking inside: alternatives, logit lens, memory, attention
-    4. Tokenize the prompt           9. Report, and main()
+    3. Read params.json              7b. Looking inside: alternatives, logit lens, memory, attention
+    4. Tokenize the prompt           8. Report, and main()
     5. Build the Transformer
 """
 
@@ -61,11 +61,11 @@ TEMPERATURE = 0.6  # sampling: below 1 sharpens the distribution, above 1 flatte
 TOP_P = 0.9  # sampling: draw only from the smallest set of tokens holding this much probability
 SEED = 1  # sampling: the same seed gives the same text
 
-SHOW_TOKENS = False  # print a table of the generated tokens (id, probability, text) instead of streaming text
+SHOW_TOKENS = False  # greedy/sample: a table of generated tokens (id, probability, text) instead of text
 
-# Looking inside the model (chapter 8). Each is off by default.
+# Looking inside the model (chapter 7b). Each is off by default.
 SHOW_PROMPT_TOKENS = False  # every prompt token: id, its bytes as stored in tokenizer.model (base64), text
-SHOW_ALTERNATIVES = 0  # for each generated token, the N most likely candidates and the entropy (0: off)
+SHOW_ALTERNATIVES = 0  # greedy/sample: per generated token the N likeliest candidates and the entropy
 SHOW_LOGIT_LENS = False  # the model's best guess for the next token after each layer
 SHOW_MEMORY = False  # bytes of the weights by part, of the KV cache and what sizes it, and peak memory
 ATTENTION_PNG = None  # e.g. "attention.png": the last layer's attention over the prompt (needs matplotlib)
@@ -188,8 +188,7 @@ def show_prompt_tokens(tokenizer: Tokenizer, prompt: list) -> None:
 # max_seq_len and max_batch_size size the KV cache (chapter 7): every layer keeps, for every sequence
 # and position, a key and a value vector per key/value head. We size it for this prompt plus the
 # answer, not a round default: the scripts this project grew from kept Meta's ModelArgs defaults, 32
-# sequences x 2048 positions (4 GiB for 1B in float32), which costs nothing on a CPU until written
-# (the OS hands out pages lazily) but is real memory at once on an MPS or CUDA GPU.
+# sequences x 2048 positions (4 GiB for 1B in float32), GPU memory from the start on MPS or CUDA.
 
 
 def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> ModelArgs:
@@ -234,12 +233,26 @@ def prompt_tensor(model, tokens: list) -> torch.Tensor:
     return torch.tensor([tokens], device=model.output.weight.device)  # (1, seq)
 
 
+# Long prompts are prefilled in chunks. Attention scores for `seq` new tokens against `kv_len` cached
+# ones are n_heads x seq x kv_len numbers, and the logits seq x 128,256: an 8k-token prompt in one
+# call would need gigabytes for each. 512 tokens at a time keeps both small, and thanks to the KV
+# cache the result is the same as one call.
+PREFILL_CHUNK = 512
+
+
+def prefill(model, prompt_tokens: list) -> torch.Tensor:
+    """Run the prompt through the model, filling the KV cache; return the last position's logits.   # (1, vocab)"""
+    for start in range(0, len(prompt_tokens), PREFILL_CHUNK):
+        logits = model(prompt_tensor(model, prompt_tokens[start : start + PREFILL_CHUNK]), start_pos=start)
+    return logits[:, -1]
+
+
 def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose):
     """The generation loop of greedy decoding and sampling; `choose(logits)` picks the next token.
 
     Yields (token, probability) pairs and stops before a stop token, or after max_new_tokens.
     """
-    logits = model(prompt_tensor(model, prompt_tokens), start_pos=0)[0, -1]  # prefill; (vocab,)
+    logits = prefill(model, prompt_tokens)[0]  # (vocab,)
     position = len(prompt_tokens)  # where the next token goes in the KV cache
     for step in range(max_new_tokens):
         token, probability = choose(logits)
@@ -325,7 +338,7 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
     """Return up to beam_width (tokens, score) pairs, best first. `tokens` are the generated ids
     (ending with the stop token if the hypothesis finished); score = sum of log-probabilities /
     len(tokens)**length_penalty. The model must be built with max_batch_size >= beam_width."""
-    logits = model(prompt_tensor(model, prompt_tokens), start_pos=0)[:, -1]  # (1 beam, vocab)
+    logits = prefill(model, prompt_tokens)  # (1 beam, vocab)
     vocab_size = logits.shape[-1]
     beam_scores = torch.zeros(1, device=logits.device)  # (beams,) summed log-probabilities
     beam_tokens = [[]]  # the tokens each live beam has generated
@@ -361,7 +374,7 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
 
 
 # ================================================================================================
-# 8. Looking inside the model
+# 7b. Looking inside the model
 # ================================================================================================
 # None of this changes what the model computes. Forward hooks (functions PyTorch calls with a
 # module's inputs or output whenever it runs) read the numbers as they pass by.
@@ -437,8 +450,19 @@ def print_logit_lens(rows: list, tokenizer: Tokenizer) -> None:
 # Memory: where the bytes go. The weights are the bulk; the KV cache is 2 (keys and values) x layers
 # x max_batch_size x max_seq_len x kv heads x head_dim x bytes per number, all of it allocated when
 # the model is built. The scripts this project grew from sized it with Meta's defaults, 32 sequences
-# of 2048 positions in float32 (1B: 4 GiB, 8B: 16 GiB), whether or not they were used. A CPU never
-# touches pages nobody writes, so that cost nothing there; on MPS or CUDA it is real memory at once.
+# of 2048 positions in float32 (1B: 4 GiB, 8B: 16 GiB), whether or not they were used: on MPS or CUDA
+# a GPU buffer, resident from the start; on the CPU pageable zeros that the OS can compress or page out.
+
+
+def weight_part(name: str) -> str:
+    """Which part of the model a weight belongs to, from its name ("layers.3.attention.wq.weight")."""
+    if name.startswith("tok_embeddings"):
+        return "embedding"
+    if name.startswith("output"):
+        return "output"
+    if "norm" in name:
+        return "norms"
+    return "attention" if ".attention." in name else "feed-forward"
 
 
 def memory_report(model) -> dict:
@@ -449,9 +473,7 @@ def memory_report(model) -> dict:
         if weight.data_ptr() in counted:
             continue
         counted.add(weight.data_ptr())
-        part = ("embedding" if name.startswith("tok_embeddings") else "output" if name.startswith("output")
-                else "norms" if "norm" in name else "attention" if ".attention." in name else "feed-forward")
-        parts[part] += weight.nbytes
+        parts[weight_part(name)] += weight.nbytes
     attention = model.layers[0].attention
     cache = attention.cache_k
     return {
@@ -485,8 +507,12 @@ def print_memory_report(report: dict, device: torch.device) -> None:
     print(f"  {'KV cache':<14} {report['kv_cache'] / mib:>10.1f} MiB = 2 x {sizes['layers']} layers x "
           f"{sizes['max_batch_size']} seqs x {sizes['max_seq_len']} positions x {sizes['kv_heads']} kv heads x "
           f"{sizes['head_dim']} x {sizes['dtype'].itemsize} bytes ({sizes['dtype']})")
-    where, peak = "GPU" if device.type == "cuda" else "process RSS", peak_memory_bytes(device)
-    print(f"  {'peak, ' + where:<14} " + (f"{peak / mib:>10.1f} MiB\n" if peak is not None else "(not measured here)\n"))
+    peak = peak_memory_bytes(device)
+    label = "peak, GPU" if device.type == "cuda" else "peak, RSS"
+    if peak is None:
+        print(f"  {label:<14} (not measured on this system)\n")
+    else:
+        print(f"  {label:<14} {peak / mib:>10.1f} MiB\n")
 
 
 # Attention over the prompt: how much each prompt position looks at every earlier one, in the last
@@ -552,7 +578,7 @@ def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> Non
 
 
 # ================================================================================================
-# 9. Report, and main()
+# 8. Report, and main()
 # ================================================================================================
 
 
@@ -563,7 +589,7 @@ def print_token_row(step: int, token: int, probability: float, tokenizer: Tokeni
 def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: list = None):
     """Print each (token, probability) as it arrives; return the tokens and the time of the first.
 
-    A table instead of text when show_tokens or `alternatives` (recorded per step, see chapter 8).
+    A table instead of text when show_tokens or `alternatives` (recorded per step, see chapter 7b).
     """
     table = show_tokens or alternatives is not None
     text_width = 16 if alternatives is not None else 0  # align the alternatives column
@@ -634,6 +660,9 @@ def run() -> None:
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
     if MAX_NEW_TOKENS < 1 or BEAM_WIDTH < 1:
         raise LlamaError(f"MAX_NEW_TOKENS ({MAX_NEW_TOKENS}) and BEAM_WIDTH ({BEAM_WIDTH}) must be at least 1")
+    if not (0 <= TOP_P <= 1 and TEMPERATURE >= 0 and SHOW_ALTERNATIVES >= 0):
+        raise LlamaError(f"TOP_P ({TOP_P}) must be in [0, 1]; TEMPERATURE ({TEMPERATURE}) and "
+                         f"SHOW_ALTERNATIVES ({SHOW_ALTERNATIVES}) at least 0")
     device = resolve_device(DEVICE)  # 1. settings
     dtype = resolve_dtype(DTYPE, device)
     folder = checkpoint_folder()
@@ -657,9 +686,9 @@ def run() -> None:
     if is_main:
         print(f"{folder.name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
-    look_inside(model, tokenizer, prompt, is_main)  # 8. looking inside
+    look_inside(model, tokenizer, prompt, is_main)  # 7b. looking inside, before decoding
 
-    generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 9. report
+    generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 8. report
     if SHOW_MEMORY and is_main:  # after decoding: memory-mapped weights are read in on first use
         print_memory_report(memory_report(model), device)
     end_model_parallel()  # close torch.distributed: a process that exits with it open may abort

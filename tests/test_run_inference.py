@@ -467,3 +467,23 @@ def test_prompt_near_the_context_does_not_fail_midway(tiny_checkpoint, monkeypat
         assert int(reported.group(1)) == prompt_length
         # positions 0..39 can be fed; the token predicted at the last one is the last that can come
         assert int(reported.group(2)) <= context - prompt_length + 1
+
+
+def test_prompt_prefilled_in_chunks_decodes_like_one_prefill(float32_model, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK goes through the model in pieces; greedy tokens and their
+    probabilities equal those of a single prefill call."""
+    model, _, _ = float32_model("gqa3")
+    prompt = [256, *range(40, 51)]  # 12 tokens
+    whole = list(run_inference.greedy_decode(model, prompt, max_new_tokens=6))
+    monkeypatch.setattr(run_inference, "PREFILL_CHUNK", 5)  # 3 calls: 5 + 5 + 2 tokens
+    calls, original_forward = [], model.forward
+
+    def counting_forward(tokens, start_pos):
+        calls.append(tokens.shape[1])
+        return original_forward(tokens, start_pos)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    chunked = list(run_inference.greedy_decode(model, prompt, max_new_tokens=6))
+    assert calls[:3] == [5, 5, 2]
+    assert [token for token, _ in chunked] == [token for token, _ in whole]
+    assert [p for _, p in chunked] == pytest.approx([p for _, p in whole], rel=1e-4)

@@ -81,8 +81,8 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
 
 
 def _supports_bfloat16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # emulated bfloat16 (before Ampere) is slower than float16
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "mps":
         try:
             torch.ones(1, dtype=torch.bfloat16, device=device)
@@ -108,8 +108,7 @@ def init_model_parallel(device: torch.device) -> torch.device:
     Returns the device this process computes on: "cuda" becomes the GPU numbered by torchrun's
     LOCAL_RANK, so that the processes on one machine use one GPU each.
     """
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = _device_for_this_process(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL communicates from the current GPU
     if not dist.is_initialized():
@@ -122,6 +121,24 @@ def init_model_parallel(device: torch.device) -> torch.device:
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             fairscale_parallel.initialize_model_parallel(dist.get_world_size())
     return device
+
+
+def _device_for_this_process(device: torch.device) -> torch.device:
+    """Under torchrun, "cuda" means the GPU numbered by this process's LOCAL_RANK."""
+    n_processes = int(os.environ.get("WORLD_SIZE", 1))
+    if n_processes > 1 and device.type == "mps":
+        raise LlamaError("several processes cannot share an MPS device (gloo cannot send MPS tensors): use 'cpu'")
+    if device.type != "cuda":
+        return device
+    if device.index is not None and n_processes > 1:
+        raise LlamaError(f"device {str(device)!r} would put every process on one GPU: under torchrun use 'cuda'")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.index is None and local_rank >= torch.cuda.device_count():
+        raise LlamaError(
+            f"process {local_rank} on this machine needs GPU {local_rank}, but there are "
+            f"{torch.cuda.device_count()}: start at most that many processes per machine"
+        )
+    return device if device.index is not None else torch.device("cuda", local_rank)
 
 
 def end_model_parallel() -> None:
