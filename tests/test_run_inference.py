@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 import run_inference  # noqa: E402
 from checkpoints import TINY_SHAPES, folder_snapshot  # noqa: E402
 from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
-from llama_models.llama3 import LlamaError, Tokenizer, load_llama  # noqa: E402
+from llama_models.llama3 import Tokenizer, load_llama  # noqa: E402
 
 MAX_SEQ_LEN = 64  # prompts below are at most 11 tokens, generations at most 12
 MAX_BATCH_SIZE = 4  # the widest beam below
@@ -445,9 +444,8 @@ def test_importing_the_scripts_runs_nothing():
 
 
 def test_prompt_near_the_context_does_not_fail_midway(tiny_checkpoint, monkeypatch, capsys):
-    """The script accepts any prompt shorter than the context. Such a prompt must either be refused
-    up front (before any decoding) or be answered with as many tokens as the context still holds;
-    it must not fail in the middle of generating. A 40-token context stands in for 8192 or 131072."""
+    """A prompt just shorter than the context is answered with as many tokens as the context still
+    holds, without failing in the middle of generating. A 40-token context stands in for 131072."""
     context, prompt_length = 40, 37  # 'a' * 36 is 36 byte tokens, plus <|begin_of_text|>
     monkeypatch.setattr(run_inference, "trained_context_length", lambda args: context)
     monkeypatch.setenv("LLAMA_CHECKPOINT_DIR", str(tiny_checkpoint("gqa1")))
@@ -456,17 +454,14 @@ def test_prompt_near_the_context_does_not_fail_midway(tiny_checkpoint, monkeypat
     monkeypatch.setattr(run_inference, "DTYPE", "float32")
     monkeypatch.setattr(run_inference, "DEVICE", "cpu")
     monkeypatch.setattr(run_inference, "DECODING", "greedy")
-    try:
-        run_inference.run()
-    except LlamaError as error:
-        frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)]
-        assert "generate_and_print" not in frames, f"failed while generating: {error}"
-    else:
-        reported = re.search(r"^prompt: (\d+) tokens, generated: (\d+) tokens$", capsys.readouterr().out, re.MULTILINE)
-        assert reported is not None
-        assert int(reported.group(1)) == prompt_length
-        # positions 0..39 can be fed; the token predicted at the last one is the last that can come
-        assert int(reported.group(2)) <= context - prompt_length + 1
+    # run() ends by closing the process group; other tests in this process still need it.
+    monkeypatch.setattr(run_inference, "end_model_parallel", lambda: None)
+    run_inference.run()
+    reported = re.search(r"^prompt: (\d+) tokens, generated: (\d+) tokens$", capsys.readouterr().out, re.MULTILINE)
+    assert reported is not None
+    assert int(reported.group(1)) == prompt_length
+    # The cache holds positions 0..39: the prompt takes 37, so 3 tokens fit (fewer if a stop token comes).
+    assert 1 <= int(reported.group(2)) <= context - prompt_length
 
 
 def test_prompt_prefilled_in_chunks_decodes_like_one_prefill(float32_model, monkeypatch):
