@@ -388,7 +388,7 @@ def next_token_alternatives(logits: torch.Tensor, k: int) -> tuple:
     """(ids, probabilities) of the k most likely next tokens, and the entropy in bits.   logits: (vocab,)"""
     probs = torch.softmax(logits.float(), dim=-1)
     entropy_bits = float(torch.special.entr(probs).sum()) / math.log(2)  # entr(p) = -p ln p
-    top = probs.topk(k)
+    top = probs.topk(min(k, probs.numel()))
     return top.indices.tolist(), top.values.tolist(), entropy_bits
 
 

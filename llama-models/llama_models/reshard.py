@@ -166,8 +166,13 @@ def main(argv: list = None) -> int:
     options = parser.parse_args(argv)
     try:
         reshard(options.src, options.dst, options.n)
-    except (LlamaError, OSError) as error:  # OSError: a full disk or a folder we may not write to
+    except LlamaError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as error:  # a folder we may not write to; a full disk (torch.save's RuntimeError)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: writing {options.dst} failed ({reason}): free some space or choose another folder, "
+              f"then delete {options.dst} and run again", file=sys.stderr)
         return 2
     return 0
 
