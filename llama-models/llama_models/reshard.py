@@ -172,7 +172,7 @@ def main(argv: list = None) -> int:
     except (OSError, RuntimeError) as error:  # a folder we may not write to; a full disk (torch.save's RuntimeError)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: writing {options.dst} failed ({reason}): free some space or choose another folder, "
-              f"then delete {options.dst} and run again", file=sys.stderr)
+              f"remove {options.dst} if it was created, and run again", file=sys.stderr)
         return 2
     return 0
 
