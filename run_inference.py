@@ -363,12 +363,13 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
         if len(finished) == beam_width or not survivors:
             break
 
+        cached = len(prompt_tokens) + length - 1  # positions in the cache; the new tokens go next
         parent_rows = torch.tensor([parent for parent, _, _ in survivors], device=logits.device)
-        reorder_kv_cache(model, parent_rows, length=len(prompt_tokens) + length - 1)
+        reorder_kv_cache(model, parent_rows, length=cached)
         beam_tokens = [beam_tokens[parent] + [token] for parent, token, _ in survivors]
         beam_scores = torch.tensor([total for _, _, total in survivors], device=logits.device)
         next_tokens = torch.tensor([[token] for _, token, _ in survivors], device=logits.device)  # (beams, 1)
-        logits = model(next_tokens, start_pos=len(prompt_tokens) + length - 1)[:, -1]  # (beams, vocab)
+        logits = model(next_tokens, start_pos=cached)[:, -1]  # (beams, vocab)
 
     return [(tokens, score) for score, tokens in finished]
 

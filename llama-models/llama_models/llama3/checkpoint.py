@@ -296,9 +296,10 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     # converted once, so they stay one tensor on the device too.
     converted = {}
     for name, tensor in tensors.items():
-        if same_memory(tensor) not in converted:
-            converted[same_memory(tensor)] = tensor.to(device=device, dtype=dtype)
-        tensors[name] = converted[same_memory(tensor)]
+        key = same_memory(tensor)
+        if key not in converted:
+            converted[key] = tensor.to(device=device, dtype=dtype)
+        tensors[name] = converted[key]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.requires_grad_(False)  # inference only: autograd needs no bookkeeping for these
 
@@ -322,8 +323,6 @@ def load_llama(
     args = ModelArgs.from_json_file(files.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     tokenizer = load_tokenizer(files.tokenizer, args)
     device = init_model_parallel(device)
-    _, world_size = model_parallel_rank_and_size()
-    check_world_size(args, len(files.shards), world_size, files.folder)  # before building anything
     model = build_model(args, device, dtype)
     load_weights(model, files, device, dtype)
     return model, tokenizer
