@@ -241,10 +241,15 @@ PREFILL_CHUNK = 512
 
 
 def prefill(model, prompt_tokens: list) -> torch.Tensor:
-    """Run the prompt through the model, filling the KV cache; return the last position's logits.   # (1, vocab)"""
+    """Run the prompt through the model, filling the KV cache; return the last position's logits.   # (1, vocab)
+
+    model(tokens) would score the vocabulary at every prompt position; only the last one predicts
+    the next token, so the layers run on the whole prompt and the output layer on that position.
+    """
     for start in range(0, len(prompt_tokens), PREFILL_CHUNK):
-        logits = model(prompt_tensor(model, prompt_tokens[start : start + PREFILL_CHUNK]), start_pos=start)
-    return logits[:, -1]
+        chunk = prompt_tensor(model, prompt_tokens[start : start + PREFILL_CHUNK])
+        hidden = model.hidden_states(chunk, start_pos=start)  # (1, chunk length, dim)
+    return model.logits(hidden[:, -1:])[:, -1]
 
 
 def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose):
@@ -436,7 +441,7 @@ def logit_lens(model, prompt_tokens: list) -> list:
     rows = []
     with torch.inference_mode():
         for index, h in enumerate(residuals):
-            probs = torch.softmax(model.output(model.norm(h[None, None]))[0, 0].float(), dim=-1)  # (vocab,)
+            probs = torch.softmax(model.logits(h), dim=-1)  # (vocab,)
             rows.append((index, int(probs.argmax()), float(probs.max())))
     return rows
 

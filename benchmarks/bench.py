@@ -3,6 +3,7 @@
     python benchmarks/bench.py                          # Llama-3.2-1B shape, bfloat16 and float32
     python benchmarks/bench.py --shape 8b --dtypes bf16 --json results-8b.json
     python benchmarks/bench.py --skip-transformers      # ours and the roofline only
+    python benchmarks/bench.py --emulate-avx2           # as on a CPU without bfloat16 instructions
 
 What it does, in one run:
 
@@ -29,7 +30,6 @@ Needs torch and our package; the transformers columns need transformers (a dev d
 
 import argparse
 import base64
-import functools
 import gc
 import itertools
 import json
@@ -73,6 +73,10 @@ BEAM_WIDTH = 4
 MIB = 2**20
 GIB = 2**30
 DEFAULT_CACHE = Path("~/.cache/llama-models-bench").expanduser()
+# Environment variables that cap PyTorch's CPU kernels (ATen's own, oneDNN's and MKL's) at AVX2, so
+# that a CPU with bfloat16 instructions runs the way most laptops do, without them (--emulate-avx2).
+# Memory bandwidth and core count stay this machine's, so only compute-bound steps are emulated.
+AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # The parent kills a worker when the machine's available memory falls below this, and reports
 # "out of memory", rather than let the kernel's OOM killer pick a victim (maybe another process).
 MEMORY_GUARD_BYTES = 600 * MIB
@@ -389,24 +393,18 @@ class Report(dict):
 
 
 class ForwardClock:
-    """Records when each forward pass of a model starts, by wrapping the model's forward.
+    """Records when each forward pass of a model starts, with a hook on its token embedding.
 
-    Both frameworks generate one token per forward pass: the first pass is the prefill (the whole
-    prompt), each later one a decode step. So the time from one start to the next is one complete
-    step (forward pass, choosing the token, for beam search reordering the cache), measured the same
-    way for both, greedy and beam alike, without touching either's generation code.
+    Both frameworks generate one token per forward pass, and every pass starts by embedding its
+    tokens: the first pass is the prefill (the whole prompt), each later one a decode step. So the
+    time from one start to the next is one complete step (forward pass, choosing the token, for beam
+    search reordering the cache), measured the same way for both, greedy and beam alike, without
+    touching either's generation code.
     """
 
-    def __init__(self, model):
+    def __init__(self, embedding: torch.nn.Module):
         self.starts = []
-        original = model.forward
-
-        @functools.wraps(original)  # transformers inspects forward's signature
-        def timed_forward(*args, **kwargs):
-            self.starts.append(time.perf_counter())
-            return original(*args, **kwargs)
-
-        model.forward = timed_forward
+        embedding.register_forward_pre_hook(lambda module, inputs: self.starts.append(time.perf_counter()))
 
     def time_generation(self, generate) -> tuple[float, list]:
         """Run generate(); return (prefill seconds, [seconds of each decode step])."""
@@ -433,6 +431,7 @@ def time_repeatedly(clock: ForwardClock, generate, repeats: int) -> dict:
 
 def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int, report: Report) -> None:
     from llama_models.llama3 import load_llama
+    from llama_models.llama3.products import cpu_multiplies_bfloat16_fast
 
     import run_inference
 
@@ -446,7 +445,8 @@ def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int,
 
     # Warm-up: the first prefill also reads every weight from the memory-mapped file for the first time.
     next(run_inference.greedy_decode(model, prompt, 1))
-    report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib())
+    report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib(),
+                fast_bfloat16_products=cpu_multiplies_bfloat16_fast())
 
     def greedy():
         # islice: stop after the n-th token, before greedy_decode runs a forward pass for token n + 1.
@@ -456,7 +456,7 @@ def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int,
         return run_inference.beam_search(model, prompt, BEAM_WIDTH, new_tokens, stop_tokens=frozenset(),
                                          length_penalty=1.0)
 
-    clock = ForwardClock(model)
+    clock = ForwardClock(model.tok_embeddings)
     report.save(greedy=time_repeatedly(clock, greedy, repeats))
     report.save(beam=time_repeatedly(clock, beam, repeats), peak_rss_mib=peak_rss_mib())
 
@@ -484,7 +484,7 @@ def worker_transformers(folder: Path, dtype: torch.dtype, new_tokens: int, repea
     def beam():
         return generate(new_tokens, num_beams=BEAM_WIDTH, early_stopping=True, length_penalty=1.0)
 
-    clock = ForwardClock(model)
+    clock = ForwardClock(model.get_input_embeddings())
     report.save(greedy=time_repeatedly(clock, greedy, repeats))
     report.save(beam=time_repeatedly(clock, beam, repeats), peak_rss_mib=peak_rss_mib())
 
@@ -513,8 +513,9 @@ def run_worker(worker: str, folder: Path, dtype: str, options) -> dict:
         print(f"  {worker:<12} {DTYPE_NAMES[dtype]} ...", end="", flush=True)
         read_into_page_cache(folder)
         started = time.perf_counter()
+        environment = {**os.environ, **(AVX2_ENVIRONMENT if options.emulate_avx2 else {})}
         error, output = watch(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+                                               env=environment, start_new_session=True))
         report = json.loads(result.read_text()) if result.is_file() else {}
     print(f" {time.perf_counter() - started:.0f} s" + (f"  FAILED: {error}" if error else ""), flush=True)
     if error:
@@ -670,6 +671,8 @@ def parse_options(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     parser.add_argument("--repeats", type=int, default=2, help="timed generations per measurement (default 2)")
     parser.add_argument("--skip-transformers", action="store_true", help="ours and the roofline only")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="cap the workers' CPU kernels at AVX2, as on a CPU without bfloat16 instructions")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"checkpoints go here ({DEFAULT_CACHE})")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
     for internal in ("--worker", "--checkpoint", "--dtype", "--result"):  # the parent calls itself
@@ -742,6 +745,7 @@ def main() -> None:
     results = {"shape": SHAPE_NAMES[options.shape], "params": meta_params(options.shape), "machine": machine,
                "checkpoint_bytes": checkpoint_bytes, "prompt_tokens": PROMPT_LENGTH,
                "new_tokens": options.new_tokens, "beam_width": BEAM_WIDTH, "repeats": options.repeats,
+               "emulated_avx2_environment": AVX2_ENVIRONMENT if options.emulate_avx2 else None,
                "bandwidth_bytes_per_s": {DTYPE_NAMES[d]: b for d, b in bandwidth.items()},
                "roofline_bandwidth_bytes_per_s": best_bandwidth,
                "dtypes": {DTYPE_NAMES[d]: summarise(d, reports[d], args, best_bandwidth, options.new_tokens)
@@ -776,6 +780,9 @@ def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, new_
             notes.append(f"{side} failed: {report['error']} (the numbers shown are those it reached)")
         elif "rss_baseline_mib" in report:
             notes.append(f"{side}: RSS before loading {report['rss_baseline_mib']:.0f} MiB")
+        if "fast_bfloat16_products" in report:
+            fast = "fast (bfloat16 kept)" if report["fast_bfloat16_products"] else "slow (prompts in float32)"
+            notes.append(f"{side}: bfloat16 products measured {fast}, see llama_models/llama3/products.py")
     if "transformers" not in reports:
         notes.append("transformers: not run")
     rows = table_rows(dtype, metrics["ours"], metrics.get("transformers", {}), roofline)
@@ -785,6 +792,9 @@ def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, new_
 def print_results(results: dict, options) -> None:
     print(f"\n{results['shape']}-shaped random checkpoint, {results['checkpoint_bytes'] / GIB:.2f} GiB (bfloat16); "
           f"prompt {PROMPT_LENGTH} tokens, {options.new_tokens} new tokens, {options.repeats} repeats")
+    if options.emulate_avx2:
+        print("EMULATED: the workers ran with " + " ".join(f"{k}={v}" for k, v in AVX2_ENVIRONMENT.items())
+              + " (a CPU without bfloat16 instructions); the roofline is this machine's memory")
     for dtype_name, entry in results["dtypes"].items():
         print_table(dtype_name, entry["rows"], entry["notes"])
     print(f"\nroofline = {results['roofline_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (the best measured bandwidth) / "

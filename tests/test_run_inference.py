@@ -471,13 +471,13 @@ def test_prompt_prefilled_in_chunks_decodes_like_one_prefill(float32_model, monk
     prompt = [256, *range(40, 51)]  # 12 tokens
     whole = list(run_inference.greedy_decode(model, prompt, max_new_tokens=6))
     monkeypatch.setattr(run_inference, "PREFILL_CHUNK", 5)  # 3 calls: 5 + 5 + 2 tokens
-    calls, original_forward = [], model.forward
+    calls, original_hidden_states = [], model.hidden_states
 
-    def counting_forward(tokens, start_pos):
+    def counting_hidden_states(tokens, start_pos):
         calls.append(tokens.shape[1])
-        return original_forward(tokens, start_pos)
+        return original_hidden_states(tokens, start_pos)
 
-    monkeypatch.setattr(model, "forward", counting_forward)
+    monkeypatch.setattr(model, "hidden_states", counting_hidden_states)
     chunked = list(run_inference.greedy_decode(model, prompt, max_new_tokens=6))
     assert calls[:3] == [5, 5, 2]
     assert [token for token, _ in chunked] == [token for token, _ in whole]

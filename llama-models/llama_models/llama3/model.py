@@ -31,6 +31,7 @@ from fairscale.nn.model_parallel.utils import VocabUtility
 from torch import nn
 
 from .args import LlamaError, ModelArgs
+from .products import linear, product_dtype
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,27 +47,12 @@ from .args import LlamaError, ModelArgs
 #    placeholder on the meta device: a shape with no memory behind it. `load_state_dict(...,
 #    assign=True)` then puts the checkpoint's tensors in its place, and no second copy ever exists.
 #
-# 2. The product of the linear layers, `linear`, is chosen for speed (below). fairscale's mapping
-#    functions still do all the communication between processes.
+# 2. The product of the linear layers, `linear`, picks the fastest PyTorch kernel for this CPU (see
+#    products.py). fairscale's mapping functions still do all the communication between processes.
 
 
 def _weight_placeholder(rows: int, cols: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, the product of every linear layer.   x: (..., in), weight: (out, in) -> (..., out)
-
-    Decoding one token multiplies a single row by every matrix, so its time goes into streaming the
-    weights from memory. For that case on the CPU, torch.mv (matrix times vector) streams bfloat16
-    weights faster than F.linear, whose one-row oneDNN kernel reached 17-23 GB/s where mv reached
-    24-28 GB/s on a 2-core Xeon: in an A/B run Llama 3.2 1B decoding went from 6.7 to 8.5 tokens/s,
-    8B from 1.0 to 1.6. Both compute the same dot products; only the order of the additions differs.
-    GPUs keep F.linear (not measured there).
-    """
-    if x.device.type == "cpu" and x.numel() == x.shape[-1]:  # one row, e.g. (1, 1, in) in a decode step
-        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
 
 
 class ColumnParallelLinear(fairscale_layers.ColumnParallelLinear):
@@ -303,6 +289,10 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # (batch, n_heads, seq, head_dim)
         q = q.reshape(batch, self.n_local_kv_heads, self.n_rep * seq, self.head_dim)
 
+        # A prompt's attention runs in float32 on CPUs without fast bfloat16 products (products.py).
+        dtype = product_dtype(q, tokens=batch * seq)
+        q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
+
         # Scaled by 1/sqrt(head_dim) so the scores' spread does not grow with the head size.
         scores = q @ keys.transpose(2, 3) / math.sqrt(self.head_dim)  # (batch, n_kv, n_rep*seq, kv_len)
         if mask is not None:
@@ -311,7 +301,7 @@ class Attention(nn.Module):
         probs = F.softmax(scores.float(), dim=-1).type_as(q)
         out = probs @ values  # (batch, n_kv_heads, n_rep*seq, head_dim)
 
-        out = out.reshape(batch, self.n_local_heads, seq, self.head_dim).transpose(1, 2)
+        out = out.reshape(batch, self.n_local_heads, seq, self.head_dim).transpose(1, 2).type_as(x)
         return self.wo(out.reshape(batch, seq, self.n_local_heads * self.head_dim))  # (batch, seq, dim)
 
 
@@ -359,6 +349,11 @@ class Transformer(nn.Module):
     Prefill: call once with the whole prompt and start_pos=0. Decode: call with one new token per
     sequence, (batch, 1), and start_pos = the number of tokens already in the cache.
 
+    The call is two steps that can also be taken one at a time: `hidden_states` runs the layers
+    (and fills the KV cache), `logits` scores the vocabulary. A prefill needs the scores of the last
+    prompt position only, and the (vocab x dim) output layer over every position is about a fifth
+    of a 1B prefill, so run_inference.py's prefill calls `logits` on that one position.
+
     Build it under `torch.device(...)` and with `torch.set_default_dtype(...)` to choose where the
     KV cache lives and its dtype; `llama_models.llama3.checkpoint.load_llama` does this for you.
     """
@@ -373,8 +368,12 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer: `model.to(torch.bfloat16)` must not round the angles.
         self.rope_cos, self.rope_sin = rope_cos_sin(args)
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.logits(self.hidden_states(tokens, start_pos))  # (batch, seq, vocab)
+
+    @torch.inference_mode()
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """The residual stream after the last layer, before the final norm.   # (batch, seq, dim)"""
         batch, seq = tokens.shape
         self._check_fits_cache(batch, seq, start_pos)
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
@@ -388,7 +387,12 @@ class Transformer(nn.Module):
 
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask)
-        return self.output(self.norm(h)).float()  # (batch, seq, vocab)
+        return h
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token scores from hidden states: (..., dim) -> float32 (..., vocab)."""
+        return self.output(self.norm(h)).float()
 
     def _check_fits_cache(self, batch: int, seq: int, start_pos: int):
         if start_pos + seq > self.args.max_seq_len:
