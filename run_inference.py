@@ -403,7 +403,7 @@ def recording_alternatives(model, k: int):
     """While active, each forward pass appends next_token_alternatives(...) of its last position."""
     recorded = []
 
-    def record(module, inputs, logits):  # logits: (batch, seq, vocab), the output layer's result
+    def record(module, inputs, logits):  # (batch, seq, vocab), the output layer's result; seq is 1 after a prefill
         recorded.append(next_token_alternatives(logits[0, -1], k))
 
     handle = model.output.register_forward_hook(record)
@@ -434,7 +434,7 @@ def logit_lens(model, prompt_tokens: list) -> list:
 
     handles = [layer.register_forward_hook(keep_last_position) for layer in model.layers]
     try:
-        model(prompt_tensor(model, prompt_tokens), start_pos=0)
+        model.hidden_states(prompt_tensor(model, prompt_tokens), start_pos=0)  # the layers only: no logits needed
     finally:
         for handle in handles:
             handle.remove()
@@ -536,7 +536,7 @@ def last_layer_attention(model, prompt_tokens: list) -> torch.Tensor:
     attention = model.layers[-1].attention
     handle = attention.register_forward_pre_hook(grab_inputs)
     try:
-        model(prompt_tensor(model, prompt_tokens), start_pos=0)
+        model.hidden_states(prompt_tensor(model, prompt_tokens), start_pos=0)
     finally:
         handle.remove()
     x, seq, head_dim = captured["x"], len(prompt_tokens), attention.head_dim

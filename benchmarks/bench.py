@@ -406,15 +406,18 @@ class ForwardClock:
         self.starts = []
         embedding.register_forward_pre_hook(lambda module, inputs: self.starts.append(time.perf_counter()))
 
-    def time_generation(self, generate) -> tuple[float, list]:
-        """Run generate(); return (prefill seconds, [seconds of each decode step])."""
+    def time_generation(self, generate, passes: int) -> tuple[float, list]:
+        """Run generate(), which must make `passes` forward passes; return (prefill seconds,
+        [seconds of each decode step])."""
         self.starts = []
         generate()
+        if len(self.starts) != passes:  # e.g. a prefill in chunks: the steps would be misattributed
+            raise RuntimeError(f"expected {passes} forward passes, the clock saw {len(self.starts)}")
         marks = self.starts + [time.perf_counter()]
         return marks[1] - marks[0], [later - earlier for earlier, later in itertools.pairwise(marks[1:])]
 
 
-def time_repeatedly(clock: ForwardClock, generate, repeats: int) -> dict:
+def time_repeatedly(clock: ForwardClock, generate, repeats: int, new_tokens: int) -> dict:
     """Prefill: the best of the repeats. Decode step: the median of all steps of all repeats.
 
     Other processes on the machine (a test run, say) slow some steps down several times over; the
@@ -422,7 +425,7 @@ def time_repeatedly(clock: ForwardClock, generate, repeats: int) -> dict:
     """
     prefills, steps = [], []
     for _ in range(repeats):
-        prefill, step_times = clock.time_generation(generate)
+        prefill, step_times = clock.time_generation(generate, passes=new_tokens)  # one pass per new token
         prefills.append(prefill)
         steps += step_times
     return {"prefill_s": min(prefills), "step_s": statistics.median(steps), "step_min_s": min(steps),
@@ -445,8 +448,9 @@ def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int,
 
     # Warm-up: the first prefill also reads every weight from the memory-mapped file for the first time.
     next(run_inference.greedy_decode(model, prompt, 1))
-    report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib(),
-                fast_bfloat16_products=cpu_multiplies_bfloat16_fast())
+    report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib())
+    if dtype == torch.bfloat16:  # the probe decides bfloat16 products only
+        report.save(fast_bfloat16_products=cpu_multiplies_bfloat16_fast())
 
     def greedy():
         # islice: stop after the n-th token, before greedy_decode runs a forward pass for token n + 1.
@@ -457,8 +461,8 @@ def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int,
                                          length_penalty=1.0)
 
     clock = ForwardClock(model.tok_embeddings)
-    report.save(greedy=time_repeatedly(clock, greedy, repeats))
-    report.save(beam=time_repeatedly(clock, beam, repeats), peak_rss_mib=peak_rss_mib())
+    report.save(greedy=time_repeatedly(clock, greedy, repeats, new_tokens))
+    report.save(beam=time_repeatedly(clock, beam, repeats, new_tokens), peak_rss_mib=peak_rss_mib())
 
 
 def worker_transformers(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int, report: Report) -> None:
@@ -485,8 +489,8 @@ def worker_transformers(folder: Path, dtype: torch.dtype, new_tokens: int, repea
         return generate(new_tokens, num_beams=BEAM_WIDTH, early_stopping=True, length_penalty=1.0)
 
     clock = ForwardClock(model.get_input_embeddings())
-    report.save(greedy=time_repeatedly(clock, greedy, repeats))
-    report.save(beam=time_repeatedly(clock, beam, repeats), peak_rss_mib=peak_rss_mib())
+    report.save(greedy=time_repeatedly(clock, greedy, repeats, new_tokens))
+    report.save(beam=time_repeatedly(clock, beam, repeats, new_tokens), peak_rss_mib=peak_rss_mib())
 
 
 WORKERS = {"ours": worker_ours, "transformers": worker_transformers}

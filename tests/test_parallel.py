@@ -180,7 +180,8 @@ def run_with_torchrun(n_processes: int, folders: list[Path], out_dir: Path) -> l
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n_processes),
                str(WORKER), str(out_dir), *map(str, folders)]
     # One thread per process: the processes already share the CPU cores (torchrun would warn and do it).
-    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun writes a torchelastic_* folder of logs there, which /tmp would keep forever.
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "TMPDIR": str(out_dir)}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
     assert finished.returncode == 0, finished.stderr[-3000:]
     # Only the main process prints: one line per folder.
@@ -212,7 +213,7 @@ def test_torchrun_four_processes_share_repeated_kv_heads(sharded, one_process_re
     assert all(result["kv_cache_heads"] == 1 for result in per_process)
 
 
-def test_run_inference_script_under_torchrun_prints_what_one_process_prints(sharded):
+def test_run_inference_script_under_torchrun_prints_what_one_process_prints(sharded, tmp_path):
     """The user's command, `torchrun --nproc-per-node 2 run_inference.py`, on the 2-shard folder: rank 0
     alone prints, and the generated text equals a plain `python run_inference.py` on the 1-shard one."""
     repo_root = Path(__file__).resolve().parents[1]
@@ -220,7 +221,7 @@ def test_run_inference_script_under_torchrun_prints_what_one_process_prints(shar
                             "import run_inference as r; r.MAX_NEW_TOKENS = 6; r.DTYPE = 'float32'; r.main()"]
 
     def generated_text(folder: Path, launcher: list) -> str:
-        environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(folder), "OMP_NUM_THREADS": "1"}
+        environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(folder), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
         finished = subprocess.run([*launcher, *python_with_settings], capture_output=True, text=True,
                                   timeout=180, env=environment, cwd=repo_root)
         assert finished.returncode == 0, finished.stderr[-3000:]

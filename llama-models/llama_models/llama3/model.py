@@ -289,8 +289,9 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # (batch, n_heads, seq, head_dim)
         q = q.reshape(batch, self.n_local_kv_heads, self.n_rep * seq, self.head_dim)
 
-        # A prompt's attention runs in float32 on CPUs without fast bfloat16 products (products.py).
-        dtype = product_dtype(q, tokens=batch * seq)
+        # A prompt's attention runs in float32 on CPUs without fast bfloat16 products (products.py;
+        # the row threshold is the linear layers', here it decides whether to convert the KV cache).
+        dtype = product_dtype(q, rows=batch * seq)
         q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
 
         # Scaled by 1/sqrt(head_dim) so the scores' spread does not grow with the head size.

@@ -8,14 +8,14 @@ and the difference is large enough to choose per chip. Two kinds of product set 
   streams fastest.
 - A prompt multiplies all its rows (tokens) by every matrix. Each weight is used once per row, so
   the time goes into arithmetic. CPUs with bfloat16 instructions (x86 with AVX512-BF16 or AMX,
-  recent ARM) multiply bfloat16 faster than float32. Without them (x86 with AVX2 only, as in most
+  ARM with BF16) multiply bfloat16 faster than float32. Without them (x86 with AVX2 only, as in most
   laptops, or AVX-512 without BF16), PyTorch converts every bfloat16 element as it multiplies, and
   converting a whole matrix to float32 first, then multiplying that, is several times faster.
 
 Measured on a 2-core Xeon with AMX, natively and with the CPU kernels capped at AVX2 (the
 environment variables ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
-MKL_ENABLE_INSTRUCTIONS=AVX2; benchmarks/bench.py --emulate-avx2 sets them), Llama 3.2 1B in bfloat16,
-each pair in one interleaved A/B run:
+MKL_ENABLE_INSTRUCTIONS=AVX2; benchmarks/bench.py --emulate-avx2 sets them), Llama 3.2 1B in
+bfloat16, each pair in one interleaved A/B run:
 
                               with bfloat16 instructions        without (capped at AVX2)
     decode step (one row)     torch.mv               105 ms     F.linear               166 ms
@@ -26,13 +26,19 @@ each pair in one interleaved A/B run:
 torch.mv hands oneDNN (Intel's kernel library inside PyTorch) the product as the weight (out, in)
 times a one-column matrix, a shape its bfloat16 kernels stream faster than F.linear's one row times
 the transposed weight. Without bfloat16 instructions oneDNN takes no bfloat16 matrix-vector product,
-and torch.mv falls back to a slower kernel of PyTorch's own.
+and torch.mv falls back to a slower kernel of PyTorch's own. That torch.mv wins wherever bfloat16
+products are fast is measured on this Xeon only; ARM CPUs with bfloat16 follow the same rule untested.
 
 Which column applies is measured, not guessed from CPU names: `cpu_multiplies_bfloat16_fast` times a
 small bfloat16 product against the same product in float32, once per process (a few milliseconds;
-here bfloat16 won by 5x natively, and float32 by 1.4x to 3.5x when capped at AVX2). Float32 weights, float16 and GPUs always use F.linear.
-Every choice computes the same sums with float32 accumulation; only the order of the additions
-differs.
+here bfloat16 won by 5x natively, and float32 by 1.4x to 3.5x when capped at AVX2). It answers
+"does this CPU have bfloat16 arithmetic", not "from how many rows does float32 pay": that is
+MIN_ROWS_FOR_FLOAT32, measured on real 1B matrices. Float32 weights, float16 and GPUs always use
+F.linear (for float32, torch.mv and F.linear stream equally fast here, 31.8 and 32.0 GB/s).
+
+Every choice computes the same sums with float32 accumulation, and only the order of the additions
+differs, with one exception: where a prompt's attention runs in float32, its probabilities are not
+rounded to bfloat16 before they weight the values.
 """
 
 import functools
@@ -41,10 +47,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-# A product with this many rows (tokens) or more counts as a prompt: compute-bound, not memory-bound.
-# Converting a matrix to float32 costs about as much as multiplying 32 rows by it in bfloat16
-# without bfloat16 instructions, so below this the conversion does not pay.
-PROMPT_TOKENS = 32
+# Converting a weight matrix to float32 costs about as much as multiplying 32 rows by it in bfloat16
+# on a CPU without bfloat16 instructions (an 8192 x 2048 matrix capped at AVX2: float32 1.1x faster at
+# 32 rows, 3x faster at 128), so products of fewer rows (decode steps, beams) stay in bfloat16.
+MIN_ROWS_FOR_FLOAT32 = 32
 
 
 def _best_time(product, repeats: int = 5) -> float:
@@ -58,35 +64,34 @@ def _best_time(product, repeats: int = 5) -> float:
 
 @functools.cache
 def cpu_multiplies_bfloat16_fast() -> bool:
-    """True if this CPU multiplies a prompt-sized bfloat16 product faster than it converts the matrix
-    to float32 and multiplies that. Measured on first use, then remembered for the process."""
-    x = torch.full((PROMPT_TOKENS, 1024), 0.5, dtype=torch.bfloat16, device="cpu")  # (tokens, in)
+    """True if this CPU multiplies bfloat16 faster than it converts to float32 and multiplies that,
+    i.e. has bfloat16 arithmetic. Measured on first use, then remembered for the process."""
+    x = torch.full((MIN_ROWS_FOR_FLOAT32, 1024), 0.5, dtype=torch.bfloat16, device="cpu")  # (rows, in)
     weight = torch.full((1024, 1024), 0.25, dtype=torch.bfloat16, device="cpu")  # (out, in)
     in_bfloat16 = _best_time(lambda: F.linear(x, weight))
     in_float32 = _best_time(lambda: F.linear(x.float(), weight.float()))
     return in_bfloat16 < in_float32
 
 
-def product_dtype(x: torch.Tensor, tokens: int) -> torch.dtype:
-    """The dtype to multiply x in: float32 for a bfloat16 prompt (`tokens` >= PROMPT_TOKENS) on a CPU
-    without fast bfloat16 products, x's own dtype otherwise."""
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and tokens >= PROMPT_TOKENS
-        and not cpu_multiplies_bfloat16_fast()
-    ):
+def _bfloat16_on_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def product_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
+    """The dtype to multiply x in: float32 for a bfloat16 product of at least MIN_ROWS_FOR_FLOAT32
+    rows (a prompt) on a CPU without fast bfloat16 products; x's own dtype otherwise."""
+    if _bfloat16_on_cpu(x) and rows >= MIN_ROWS_FOR_FLOAT32 and not cpu_multiplies_bfloat16_fast():
         return torch.float32
     return x.dtype
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, the product of every linear layer.   x: (..., in), weight: (out, in) -> (..., out)"""
-    tokens = x.numel() // x.shape[-1]
-    one_bfloat16_row_on_cpu = x.device.type == "cpu" and x.dtype == torch.bfloat16 and tokens == 1
-    if one_bfloat16_row_on_cpu and cpu_multiplies_bfloat16_fast():
+    """x @ weight.T, the product of every linear layer, with the kernel and dtype chosen as the table
+    at the top of this file says.   x: (..., in), weight: (out, in) -> (..., out)"""
+    rows = x.numel() // x.shape[-1]
+    if rows == 1 and _bfloat16_on_cpu(x) and cpu_multiplies_bfloat16_fast():  # a decode step
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    dtype = product_dtype(x, tokens)
+    dtype = product_dtype(x, rows)
     # When dtype is float32 and the weight bfloat16, .to() makes a float32 copy of this one matrix,
     # freed right after the product: never a second resident copy of the weights.
     return F.linear(x.to(dtype), weight.to(dtype)).type_as(x)
