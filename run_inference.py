@@ -334,8 +334,8 @@ def reorder_kv_cache(model, parent_rows: torch.Tensor, length: int) -> None:
     """Row b of every layer's cache becomes a copy of row parent_rows[b] (first `length` positions)."""
     for layer in model.layers:
         cache_k, cache_v = layer.attention.cache_k, layer.attention.cache_v
-        cache_k[: len(parent_rows), :length] = cache_k[parent_rows, :length]
-        cache_v[: len(parent_rows), :length] = cache_v[parent_rows, :length]
+        cache_k[: len(parent_rows), :, :length] = cache_k[parent_rows, :, :length]  # (beams, kv_heads, length, head_dim)
+        cache_v[: len(parent_rows), :, :length] = cache_v[parent_rows, :, :length]
 
 
 def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int,
@@ -485,7 +485,7 @@ def memory_report(model) -> dict:
     return {
         "weights": parts,
         "kv_cache": sum(layer.attention.cache_k.nbytes + layer.attention.cache_v.nbytes for layer in model.layers),
-        "kv_cache_sizes": dict(layers=len(model.layers), max_batch_size=cache.shape[0], max_seq_len=cache.shape[1],
+        "kv_cache_sizes": dict(layers=len(model.layers), max_batch_size=cache.shape[0], max_seq_len=cache.shape[2],
                                kv_heads=attention.n_local_kv_heads, head_dim=attention.head_dim, dtype=cache.dtype),
     }
 
@@ -545,7 +545,7 @@ def last_layer_attention(model, prompt_tokens: list) -> torch.Tensor:
         k = apply_rope(attention.wk(x).view(1, seq, attention.n_local_kv_heads, head_dim), captured["cos"], captured["sin"])
         k = k.repeat_interleave(attention.n_rep, dim=2)  # each kv head serves n_rep query heads
         scores = torch.einsum("qhd,khd->hqk", q[0].float(), k[0].float()) / math.sqrt(head_dim)
-        return torch.softmax(scores + captured["mask"].float(), dim=-1)
+        return torch.softmax(scores.masked_fill(~captured["mask"], float("-inf")), dim=-1)
 
 
 def save_attention_png(attention: torch.Tensor, tokenizer: Tokenizer, prompt: list, path: str) -> None:
