@@ -233,10 +233,11 @@ def prompt_tensor(model, tokens: list) -> torch.Tensor:
     return torch.tensor([tokens], device=model.output.weight.device)  # (1, seq)
 
 
-# Long prompts are prefilled in chunks. Attention scores for `seq` new tokens against `kv_len` cached
-# ones are n_heads x seq x kv_len numbers, and the logits seq x 128,256: an 8k-token prompt in one
-# call would need gigabytes for each. 512 tokens at a time keeps both small, and thanks to the KV
-# cache the result is the same as one call.
+# Long prompts are prefilled in chunks. Where scaled_dot_product_attention has no fused kernel for
+# the device, it holds the attention scores of `seq` new tokens against `kv_len` cached ones,
+# n_heads x seq x kv_len numbers: 4 GiB for an 8k-token prompt in one call. 512 tokens at a time keep
+# them small, and thanks to the KV cache the result is the same as one call. On the CPU chunks cost
+# nothing: a 4,096-token prompt for Llama 3.2 1B took 9.5 s in chunks of 512 and 11.8 s in one call.
 PREFILL_CHUNK = 512
 
 

@@ -14,7 +14,8 @@ What it does, in one run:
 2. Measures this machine's sustained memory bandwidth with a large matrix-vector product, and
    turns it into the roofline: the fastest decode possible when every token must read all weights.
 3. For each dtype, runs our code and transformers' LlamaForCausalLM.generate, each in a fresh
-   subprocess (so its peak RSS is its own): load time, RSS, prefill of a 128-token prompt, greedy
+   subprocess (so its peak RSS is its own): load time, RSS, prefill of a 128-token prompt (or
+   --prompt-tokens), greedy
    decode, beam search of width 4.
 4. Prints a table (each of ours as a ratio to transformers and to the roofline, with the targets
    of the benchmark issue) and, with --json PATH, writes every number.
@@ -68,7 +69,7 @@ SHAPE_NAMES = {"1b": "Llama-3.2-1B", "3b": "Llama-3.2-3B", "8b": "Llama-3.1-8B"}
 N_BASE_TOKENS = 128000  # lines of tokenizer.model; the 256 special tokens make vocab_size 128256
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "f32": "float32"}
-PROMPT_LENGTH = 128
+DEFAULT_PROMPT_TOKENS = 128
 BEAM_WIDTH = 4
 MIB = 2**20
 GIB = 2**30
@@ -341,11 +342,11 @@ def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_len: float, batch: i
     return (weights + embedding_rows + kv_cache) * element
 
 
-def ideal_memory_bytes(args: ModelArgs, dtype: torch.dtype, new_tokens: int) -> int:
+def ideal_memory_bytes(args: ModelArgs, dtype: torch.dtype, prompt_tokens: int, new_tokens: int) -> int:
     """Weights in `dtype` plus the KV cache both sides hold: BEAM_WIDTH sequences of prompt + answer."""
     element = element_bytes(dtype)
     weights = sum(math.prod(s) for s in meta_tensor_shapes(args).values())
-    kv_cache = BEAM_WIDTH * (PROMPT_LENGTH + new_tokens) * args.n_layers * 2 * args.n_kv_heads * args.head_dim
+    kv_cache = BEAM_WIDTH * (prompt_tokens + new_tokens) * args.n_layers * 2 * args.n_kv_heads * args.head_dim
     return (weights + kv_cache) * element
 
 
@@ -374,10 +375,10 @@ def peak_rss_mib() -> float:
     return status_mib("VmHWM")
 
 
-def random_prompt() -> list:
-    """128 random ids among the base tokens: the same for both frameworks (content does not matter)."""
+def random_prompt(length: int) -> list:
+    """Random ids among the base tokens: the same for both frameworks (content does not matter)."""
     generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, N_BASE_TOKENS, (PROMPT_LENGTH,), generator=generator).tolist()
+    return torch.randint(0, N_BASE_TOKENS, (length,), generator=generator).tolist()
 
 
 class Report(dict):
@@ -406,18 +407,21 @@ class ForwardClock:
         self.starts = []
         embedding.register_forward_pre_hook(lambda module, inputs: self.starts.append(time.perf_counter()))
 
-    def time_generation(self, generate, passes: int) -> tuple[float, list]:
-        """Run generate(), which must make `passes` forward passes; return (prefill seconds,
-        [seconds of each decode step])."""
+    def time_generation(self, generate, prefill_passes: int, new_tokens: int) -> tuple[float, list]:
+        """Run generate(); return (prefill seconds, [seconds of each decode step]). The prefill takes
+        `prefill_passes` forward passes (ours: one per PREFILL_CHUNK prompt tokens), then each new
+        token but the last one costs one more."""
         self.starts = []
         generate()
-        if len(self.starts) != passes:  # e.g. a prefill in chunks: the steps would be misattributed
+        passes = prefill_passes + new_tokens - 1
+        if len(self.starts) != passes:  # the steps would be misattributed
             raise RuntimeError(f"expected {passes} forward passes, the clock saw {len(self.starts)}")
         marks = self.starts + [time.perf_counter()]
-        return marks[1] - marks[0], [later - earlier for earlier, later in itertools.pairwise(marks[1:])]
+        decode_marks = marks[prefill_passes:]
+        return decode_marks[0] - marks[0], [later - earlier for earlier, later in itertools.pairwise(decode_marks)]
 
 
-def time_repeatedly(clock: ForwardClock, generate, repeats: int, new_tokens: int) -> dict:
+def time_repeatedly(clock: ForwardClock, generate, repeats: int, prefill_passes: int, new_tokens: int) -> dict:
     """Prefill: the best of the repeats. Decode step: the median of all steps of all repeats.
 
     Other processes on the machine (a test run, say) slow some steps down several times over; the
@@ -425,24 +429,25 @@ def time_repeatedly(clock: ForwardClock, generate, repeats: int, new_tokens: int
     """
     prefills, steps = [], []
     for _ in range(repeats):
-        prefill, step_times = clock.time_generation(generate, passes=new_tokens)  # one pass per new token
+        prefill, step_times = clock.time_generation(generate, prefill_passes, new_tokens)
         prefills.append(prefill)
         steps += step_times
     return {"prefill_s": min(prefills), "step_s": statistics.median(steps), "step_min_s": min(steps),
             "steps_s": steps}
 
 
-def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int, report: Report) -> None:
+def worker_ours(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
+                report: Report) -> None:
     from llama_models.llama3 import load_llama
     from llama_models.llama3.products import cpu_multiplies_bfloat16_fast
 
     import run_inference
 
-    prompt = random_prompt()
+    prompt = random_prompt(prompt_tokens)
     report.save(rss_baseline_mib=rss_mib())  # the interpreter, torch and our imports
     started = time.perf_counter()
     # max_batch_size = BEAM_WIDTH: one process serves greedy (batch 1) and beam search (batch 4).
-    model, _ = load_llama(folder, device="cpu", dtype=dtype, max_seq_len=PROMPT_LENGTH + new_tokens,
+    model, _ = load_llama(folder, device="cpu", dtype=dtype, max_seq_len=prompt_tokens + new_tokens,
                           max_batch_size=BEAM_WIDTH)
     report.save(load_s=time.perf_counter() - started, rss_after_load_mib=rss_mib())
 
@@ -461,14 +466,16 @@ def worker_ours(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int,
                                          length_penalty=1.0)
 
     clock = ForwardClock(model.tok_embeddings)
-    report.save(greedy=time_repeatedly(clock, greedy, repeats, new_tokens))
-    report.save(beam=time_repeatedly(clock, beam, repeats, new_tokens), peak_rss_mib=peak_rss_mib())
+    prefill_passes = math.ceil(prompt_tokens / run_inference.PREFILL_CHUNK)
+    report.save(greedy=time_repeatedly(clock, greedy, repeats, prefill_passes, new_tokens))
+    report.save(beam=time_repeatedly(clock, beam, repeats, prefill_passes, new_tokens), peak_rss_mib=peak_rss_mib())
 
 
-def worker_transformers(folder: Path, dtype: torch.dtype, new_tokens: int, repeats: int, report: Report) -> None:
+def worker_transformers(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
+                        report: Report) -> None:
     from transformers import LlamaForCausalLM
 
-    prompt = torch.tensor([random_prompt()])
+    prompt = torch.tensor([random_prompt(prompt_tokens)])
     report.save(rss_baseline_mib=rss_mib())
     started = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
@@ -489,8 +496,8 @@ def worker_transformers(folder: Path, dtype: torch.dtype, new_tokens: int, repea
         return generate(new_tokens, num_beams=BEAM_WIDTH, early_stopping=True, length_penalty=1.0)
 
     clock = ForwardClock(model.get_input_embeddings())
-    report.save(greedy=time_repeatedly(clock, greedy, repeats, new_tokens))
-    report.save(beam=time_repeatedly(clock, beam, repeats, new_tokens), peak_rss_mib=peak_rss_mib())
+    report.save(greedy=time_repeatedly(clock, greedy, repeats, 1, new_tokens))  # the whole prompt in one pass
+    report.save(beam=time_repeatedly(clock, beam, repeats, 1, new_tokens), peak_rss_mib=peak_rss_mib())
 
 
 WORKERS = {"ours": worker_ours, "transformers": worker_transformers}
@@ -498,7 +505,7 @@ WORKERS = {"ours": worker_ours, "transformers": worker_transformers}
 
 def run_worker_main(options) -> None:
     report = Report(Path(options.result))
-    WORKERS[options.worker](Path(options.checkpoint), DTYPES[options.dtype], options.new_tokens,
+    WORKERS[options.worker](Path(options.checkpoint), DTYPES[options.dtype], options.prompt_tokens, options.new_tokens,
                             options.repeats, report)
 
 
@@ -512,7 +519,7 @@ def run_worker(worker: str, folder: Path, dtype: str, options) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "report.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--checkpoint", str(folder),
-                   "--dtype", dtype, "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats),
+                   "--dtype", dtype, "--prompt-tokens", str(options.prompt_tokens), "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats),
                    "--result", str(result)]
         print(f"  {worker:<12} {DTYPE_NAMES[dtype]} ...", end="", flush=True)
         read_into_page_cache(folder)
@@ -569,12 +576,12 @@ def watch(process: subprocess.Popen) -> tuple:
 # ================================================================================================
 
 
-def derived_metrics(report: dict) -> dict:
+def derived_metrics(report: dict, prompt_tokens: int) -> dict:
     """Rates, and memory net of the process's own baseline (interpreter and libraries)."""
     out = {}
     if "greedy" in report:
         out["decode_tok_s"] = 1 / report["greedy"]["step_s"]
-        out["prefill_tok_s"] = PROMPT_LENGTH / report["greedy"]["prefill_s"]
+        out["prefill_tok_s"] = prompt_tokens / report["greedy"]["prefill_s"]
     if "beam" in report:
         out["beam_steps_s"] = 1 / report["beam"]["step_s"]
         out["beam_step_vs_greedy"] = report["beam"]["step_s"] / report["greedy"]["step_s"]
@@ -597,7 +604,7 @@ def at_least(value, limit):
 ROWS = [
     ("decode_tok_s", "decode tok/s", "decode_tok_s",
      lambda o, t, r: None if t is None else r >= 0.9 and t > 1, ">=0.90 roofline, >1 vs tf (bf16)"),
-    ("prefill_tok_s", "prefill tok/s (128-token prompt)", None, lambda o, t, r: at_least(t, 1.0), ">=1 vs tf"),
+    ("prefill_tok_s", "prefill tok/s", None, lambda o, t, r: at_least(t, 1.0), ">=1 vs tf"),
     ("beam_steps_s", "beam-4 steps/s", "beam_steps_s", None, ""),
     ("beam_step_vs_greedy", "beam-4 step / greedy step (x)", None, lambda o, t, r: o <= 1.6, "<=1.6"),
     ("load_s", "load s", None, None, ""),
@@ -652,13 +659,13 @@ def print_table(title: str, rows: list, notes: list) -> None:
     print("\n".join(notes))
 
 
-def roofline_for(args: ModelArgs, dtype: torch.dtype, bandwidth: float, new_tokens: int) -> dict:
-    kv_len = PROMPT_LENGTH + new_tokens / 2  # the average position of a decode step
+def roofline_for(args: ModelArgs, dtype: torch.dtype, bandwidth: float, prompt_tokens: int, new_tokens: int) -> dict:
+    kv_len = prompt_tokens + new_tokens / 2  # the average position of a decode step
     return {
         "bytes_per_token": bytes_per_token(args, dtype, kv_len),
         "decode_tok_s": bandwidth / bytes_per_token(args, dtype, kv_len),
         "beam_steps_s": bandwidth / bytes_per_token(args, dtype, kv_len, batch=BEAM_WIDTH),
-        "memory_mib": ideal_memory_bytes(args, dtype, new_tokens) / MIB,
+        "memory_mib": ideal_memory_bytes(args, dtype, prompt_tokens, new_tokens) / MIB,
     }
 
 
@@ -672,6 +679,8 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model shape (default 1b)")
     parser.add_argument("--dtypes", default="bf16,f32", help="comma-separated, of bf16 and f32 (default both)")
+    parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
+                        help=f"prompt length (default {DEFAULT_PROMPT_TOKENS})")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     parser.add_argument("--repeats", type=int, default=2, help="timed generations per measurement (default 2)")
     parser.add_argument("--skip-transformers", action="store_true", help="ours and the roofline only")
@@ -688,6 +697,8 @@ def parse_options(argv=None):
         parser.error(f"--dtypes: use bf16 and/or f32, not {','.join(unknown) or 'nothing'}")
     if options.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes from the prefill)")
+    if options.prompt_tokens < 1:
+        parser.error("--prompt-tokens must be at least 1")
     return options
 
 
@@ -702,7 +713,7 @@ def transformers_available() -> bool:
 
 def skip_reason(args: ModelArgs, dtype: str) -> str:
     """Weights that cannot fit in this machine's memory are not attempted (8B in float32 is 32 GB)."""
-    needed = ideal_memory_bytes(args, DTYPES[dtype], 0)
+    needed = ideal_memory_bytes(args, DTYPES[dtype], 0, 0)
     if needed > 0.9 * meminfo_bytes("MemTotal"):
         return f"skipped: {DTYPE_NAMES[dtype]} weights need {needed / GIB:.1f} GiB, this machine has " \
                f"{meminfo_bytes('MemTotal') / GIB:.1f} GiB"
@@ -747,12 +758,12 @@ def main() -> None:
     best_bandwidth = max(bandwidth.values())  # the physical limit, whichever dtype reached it
 
     results = {"shape": SHAPE_NAMES[options.shape], "params": meta_params(options.shape), "machine": machine,
-               "checkpoint_bytes": checkpoint_bytes, "prompt_tokens": PROMPT_LENGTH,
+               "checkpoint_bytes": checkpoint_bytes, "prompt_tokens": options.prompt_tokens,
                "new_tokens": options.new_tokens, "beam_width": BEAM_WIDTH, "repeats": options.repeats,
                "emulated_avx2_environment": AVX2_ENVIRONMENT if options.emulate_avx2 else None,
                "bandwidth_bytes_per_s": {DTYPE_NAMES[d]: b for d, b in bandwidth.items()},
                "roofline_bandwidth_bytes_per_s": best_bandwidth,
-               "dtypes": {DTYPE_NAMES[d]: summarise(d, reports[d], args, best_bandwidth, options.new_tokens)
+               "dtypes": {DTYPE_NAMES[d]: summarise(d, reports[d], args, best_bandwidth, options)
                           for d in options.dtypes}}
     print_results(results, options)
     if options.json:
@@ -772,12 +783,12 @@ def run_workers(dtype: str, args: ModelArgs, meta_folder: Path, hf_folder, optio
     return reports
 
 
-def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, new_tokens: int) -> dict:
+def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, options) -> dict:
     """Everything about one dtype: raw worker reports, derived metrics, roofline, table rows, notes."""
-    roofline = roofline_for(args, DTYPES[dtype], bandwidth, new_tokens)
+    roofline = roofline_for(args, DTYPES[dtype], bandwidth, options.prompt_tokens, options.new_tokens)
     if "skipped" in reports:
         return {"roofline": roofline, "rows": [], "notes": [reports["skipped"]]}
-    metrics = {side: derived_metrics(report) for side, report in reports.items()}
+    metrics = {side: derived_metrics(report, options.prompt_tokens) for side, report in reports.items()}
     notes = []
     for side, report in reports.items():
         if "error" in report:
@@ -795,7 +806,7 @@ def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, new_
 
 def print_results(results: dict, options) -> None:
     print(f"\n{results['shape']}-shaped random checkpoint, {results['checkpoint_bytes'] / GIB:.2f} GiB (bfloat16); "
-          f"prompt {PROMPT_LENGTH} tokens, {options.new_tokens} new tokens, {options.repeats} repeats")
+          f"prompt {options.prompt_tokens} tokens, {options.new_tokens} new tokens, {options.repeats} repeats")
     if options.emulate_avx2:
         print("EMULATED: the workers ran with " + " ".join(f"{k}={v}" for k, v in AVX2_ENVIRONMENT.items())
               + " (a CPU without bfloat16 instructions); the roofline is this machine's memory")
@@ -803,7 +814,7 @@ def print_results(results: dict, options) -> None:
         print_table(dtype_name, entry["rows"], entry["notes"])
     print(f"\nroofline = {results['roofline_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (the best measured bandwidth) / "
           "bytes read per token (all weights but the embedding table, plus the KV cache); for memory rows: "
-          f"weights in the dtype + KV cache for {BEAM_WIDTH} x {PROMPT_LENGTH + options.new_tokens} positions. "
+          f"weights in the dtype + KV cache for {BEAM_WIDTH} x {options.prompt_tokens + options.new_tokens} positions. "
           "RSS rows are net of the process's RSS before loading (interpreter and libraries).")
 
 
