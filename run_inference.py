@@ -237,7 +237,8 @@ def prompt_tensor(model, tokens: list) -> torch.Tensor:
 # the device, it holds the attention scores of `seq` new tokens against `kv_len` cached ones,
 # n_heads x seq x kv_len numbers: 4 GiB for an 8k-token prompt in one call. 512 tokens at a time keep
 # them small, and thanks to the KV cache the result is the same as one call. On the CPU chunks cost
-# nothing: a 4,096-token prompt for Llama 3.2 1B took 9.5 s in chunks of 512 and 11.8 s in one call.
+# nothing: in one A/B run a 4,096-token prompt for Llama 3.2 1B took 9.5 s in chunks of 512 and 11.8 s
+# in one call.
 PREFILL_CHUNK = 512
 
 

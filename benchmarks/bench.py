@@ -15,8 +15,7 @@ What it does, in one run:
    turns it into the roofline: the fastest decode possible when every token must read all weights.
 3. For each dtype, runs our code and transformers' LlamaForCausalLM.generate, each in a fresh
    subprocess (so its peak RSS is its own): load time, RSS, prefill of a 128-token prompt (or
-   --prompt-tokens), greedy
-   decode, beam search of width 4.
+   --prompt-tokens), greedy decode, beam search of width 4.
 4. Prints a table (each of ours as a ratio to transformers and to the roofline, with the targets
    of the benchmark issue) and, with --json PATH, writes every number.
 
@@ -396,8 +395,8 @@ class Report(dict):
 class ForwardClock:
     """Records when each forward pass of a model starts, with a hook on its token embedding.
 
-    Both frameworks generate one token per forward pass, and every pass starts by embedding its
-    tokens: the first pass is the prefill (the whole prompt), each later one a decode step. So the
+    Every forward pass starts by embedding its tokens. The first passes are the prefill (ours: one
+    per 512-token chunk of the prompt; transformers: one), each later one a decode step. So the
     time from one start to the next is one complete step (forward pass, choosing the token, for beam
     search reordering the cache), measured the same way for both, greedy and beam alike, without
     touching either's generation code.

@@ -6,11 +6,13 @@ Meta's rule written out in float64 Python. The script itself runs as a subproces
 start it, on tiny random checkpoints with the byte-level tokenizer (one token per UTF-8 byte).
 """
 
+import itertools
 import math
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -169,6 +171,32 @@ def hf_beam_search(hf, prompt, width, max_new_tokens, stop_tokens, length_penalt
             assert len(generated) == max_new_tokens
         hypotheses.append((generated, score))
     return hypotheses
+
+
+def fake_model_with_caches(max_batch: int, kv_heads: int, max_seq: int, head_dim: int, layers: int = 2):
+    """Just what reorder_kv_cache touches: model.layers[i].attention.cache_k / cache_v, filled with
+    values that say where they came from."""
+    def cache():
+        return torch.randn(max_batch, kv_heads, max_seq, head_dim)
+
+    attentions = [types.SimpleNamespace(cache_k=cache(), cache_v=cache()) for _ in range(layers)]
+    return types.SimpleNamespace(layers=[types.SimpleNamespace(attention=a) for a in attentions])
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_reorder_kv_cache_copies_parent_rows(width):
+    """Every parent list of `width` beams (swaps, repeated parents, nothing moved): row b becomes the
+    old row parent[b] in the first `length` positions; later positions and rows past `width` stay."""
+    length = 5
+    for parents in itertools.product(range(width), repeat=width):
+        model = fake_model_with_caches(max_batch=5, kv_heads=2, max_seq=8, head_dim=3)
+        before = [(layer.attention.cache_k.clone(), layer.attention.cache_v.clone()) for layer in model.layers]
+        run_inference.reorder_kv_cache(model, torch.tensor(parents), length)
+        for layer, old_caches in zip(model.layers, before):
+            for new, old in zip((layer.attention.cache_k, layer.attention.cache_v), old_caches):
+                expected = old.clone()
+                expected[:width, :, :length] = old[list(parents), :, :length]
+                assert torch.equal(new, expected), parents
 
 
 @pytest.mark.parametrize("shape_name", ["gqa3", "gqa4"])

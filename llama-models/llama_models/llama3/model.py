@@ -292,14 +292,16 @@ class Attention(nn.Module):
         # - each new token's score against every cached key, scaled by 1/sqrt(head_dim) so that the
         #   scores' spread does not grow with the head size;
         # - masked: a key after the token (mask False) gets score -inf, so weight 0 after softmax;
-        # - the softmax in float32, since exponentials of bfloat16 scores would round coarsely;
-        # - grouped-query: query head i uses key/value head i // n_rep (enable_gqa), with no copy of
-        #   the keys (Meta's code repeats each key/value head n_rep times).
-        # F.scaled_dot_product_attention computes exactly this, block by block, without ever holding
-        # the (seq x kv_len) scores: for Llama 3.2 1B on the CPU a 4,096-token prompt took 11 s instead
-        # of 34 s with the products written out, and decode steps at 4,096 positions 12% less time.
+        # - the kernel takes the softmax in float32: exponentials of bfloat16 scores would round coarsely;
+        # - grouped-query: query head i uses key/value head i // n_rep (enable_gqa).
+        # F.scaled_dot_product_attention computes exactly this. On the CPU its fused kernel works block
+        # by block, never holds the (seq x kv_len) scores and copies no key/value head (Meta's code
+        # repeats each n_rep times), which made long prompts about 3x faster than the products written
+        # out (README, "Speed and memory"). Where no fused kernel fits (some GPU cases) PyTorch falls
+        # back to the plain computation, which is why run_inference.py prefills in chunks.
         # run_inference.py's `last_layer_attention` writes the same computation out step by step.
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # like q
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        # out: (batch, n_heads, seq, head_dim) in q's dtype
         out = out.transpose(1, 2)  # (batch, seq, n_heads, head_dim)
         return self.wo(out.reshape(batch, seq, self.n_local_heads * self.head_dim))  # (batch, seq, dim)
 
