@@ -518,8 +518,8 @@ def run_worker(worker: str, folder: Path, dtype: str, options) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "report.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--checkpoint", str(folder),
-                   "--dtype", dtype, "--prompt-tokens", str(options.prompt_tokens), "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats),
-                   "--result", str(result)]
+                   "--dtype", dtype, "--prompt-tokens", str(options.prompt_tokens),
+                   "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats), "--result", str(result)]
         print(f"  {worker:<12} {DTYPE_NAMES[dtype]} ...", end="", flush=True)
         read_into_page_cache(folder)
         started = time.perf_counter()

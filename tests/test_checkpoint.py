@@ -62,7 +62,8 @@ def test_kv_cache_is_sized_and_typed_as_asked(tiny_checkpoint):
     model, _ = load_llama(tiny_checkpoint("gqa4"), dtype=torch.float32, max_seq_len=48, max_batch_size=3)
     shape = TINY_SHAPES["gqa4"]
     cache = model.layers[0].attention.cache_k
-    assert cache.shape == (3, shape["n_kv_heads"], 48, shape["dim"] // shape["n_heads"])  # (batch, heads, positions, head_dim)
+    # (batch, kv heads, positions, head_dim)
+    assert cache.shape == (3, shape["n_kv_heads"], 48, shape["dim"] // shape["n_heads"])
     assert cache.dtype == torch.float32
 
 

@@ -221,7 +221,8 @@ def test_run_inference_script_under_torchrun_prints_what_one_process_prints(shar
                             "import run_inference as r; r.MAX_NEW_TOKENS = 6; r.DTYPE = 'float32'; r.main()"]
 
     def generated_text(folder: Path, launcher: list) -> str:
-        environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(folder), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+        environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(folder), "OMP_NUM_THREADS": "1",
+                                    "TMPDIR": str(tmp_path)}
         finished = subprocess.run([*launcher, *python_with_settings], capture_output=True, text=True,
                                   timeout=180, env=environment, cwd=repo_root)
         assert finished.returncode == 0, finished.stderr[-3000:]
