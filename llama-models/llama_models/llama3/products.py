@@ -73,25 +73,16 @@ def cpu_multiplies_bfloat16_fast() -> bool:
     return in_bfloat16 < in_float32
 
 
-def _bfloat16_on_cpu(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
-
-
-def product_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
-    """The dtype to multiply x in: float32 for a bfloat16 product of at least MIN_ROWS_FOR_FLOAT32
-    rows (a prompt) on a CPU without fast bfloat16 products; x's own dtype otherwise."""
-    if _bfloat16_on_cpu(x) and rows >= MIN_ROWS_FOR_FLOAT32 and not cpu_multiplies_bfloat16_fast():
-        return torch.float32
-    return x.dtype
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, the product of every linear layer, with the kernel and dtype chosen as the table
     at the top of this file says.   x: (..., in), weight: (out, in) -> (..., out)"""
     rows = x.numel() // x.shape[-1]
-    if rows == 1 and _bfloat16_on_cpu(x) and cpu_multiplies_bfloat16_fast():  # a decode step
-        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    dtype = product_dtype(x, rows)
-    # When dtype is float32 and the weight bfloat16, .to() makes a float32 copy of this one matrix,
-    # freed right after the product: never a second resident copy of the weights.
-    return F.linear(x.to(dtype), weight.to(dtype)).type_as(x)
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        fast_bfloat16 = cpu_multiplies_bfloat16_fast()
+        if rows == 1 and fast_bfloat16:  # a decode step
+            return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+        if rows >= MIN_ROWS_FOR_FLOAT32 and not fast_bfloat16:  # a prompt
+            # .float() makes a float32 copy of this one matrix, freed right after the product:
+            # never a second resident copy of the weights.
+            return F.linear(x.float(), weight.float()).type_as(x)
+    return F.linear(x, weight)
