@@ -118,6 +118,17 @@ def memory_mapped_ranges(file_name: str) -> list[range]:
     return ranges
 
 
+def mapped_file_rss_bytes(file_name: str) -> int:
+    """How much of the files whose paths end with `file_name` this process holds in memory (Linux)."""
+    total, in_file = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split()[0]:  # a mapping's header: "7fac3a600000-7facae607000 rw-p ... /path"
+            in_file = line.rstrip().endswith(str(file_name))
+        elif in_file and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024  # "Rss:   2048 kB"
+    return total
+
+
 def folder_snapshot(folder: Path) -> dict:
     """{file name: (size, modification time)}: compare before and after to prove nothing changed."""
     return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(folder.iterdir())}

@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
-from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges, write_checkpoint
+from checkpoints import TINY_SHAPES, folder_snapshot, mapped_file_rss_bytes, memory_mapped_ranges, write_checkpoint
+from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
+from llama_models.llama3.sharding import release_mapped_pages, shard_mappings
 from tokenizer_files import write_byte_level_tokenizer
 
 
@@ -206,25 +208,68 @@ def status_bytes(field):  # VmRSS: resident now; VmHWM: the peak of this program
 
 # Warm up on a tiny checkpoint first: torch.distributed, gloo and the matmul libraries take ~25 MB the
 # first time they run, whatever the model's size.
-tiny, _ = load_llama(sys.argv[2], max_seq_len=64)
+tiny, _ = load_llama(sys.argv[2], max_seq_len=64, dtype=sys.argv[3])
 tiny(torch.tensor([[1, 2, 3]]), start_pos=0)
 before = status_bytes("VmRSS")
-model, _ = load_llama(sys.argv[1], max_seq_len=64)  # bfloat16, the checkpoint's own dtype
+model, _ = load_llama(sys.argv[1], max_seq_len=64, dtype=sys.argv[3])
 model(torch.tensor([[1, 2, 3]]), start_pos=0)  # reads every weight page once
 print(status_bytes("VmHWM") - before)
 """
 
 
+@pytest.fixture(scope="module")
+def medium_checkpoint(tmp_path_factory):
+    """{shard count: folder}: a ~270 MB bfloat16 checkpoint, as one shard and resharded to two."""
+    folder = write_checkpoint(tmp_path_factory.mktemp("medium") / "one-shard", MEDIUM_SHAPE)
+    two_shards = folder.parent / "two-shards"
+    reshard.reshard(folder, two_shards, 2)
+    return {1: folder, 2: two_shards}
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc/self/status")
-def test_loading_keeps_one_copy_of_the_weights(tiny_checkpoint, tmp_path):
-    """Peak memory added by loading and one forward pass stays within 10% of the file: no second copy."""
-    folder = write_checkpoint(tmp_path / "medium", MEDIUM_SHAPE)
-    file_size = (folder / "consolidated.00.pth").stat().st_size
-    finished = subprocess.run([sys.executable, "-c", MEASURE_LOAD_MEMORY, str(folder), str(tiny_checkpoint("gqa1"))],
-                              capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("dtype, n_shards", [("bfloat16", 1), ("float32", 1), ("bfloat16", 2), ("float32", 2)])
+def test_loading_keeps_one_copy_of_the_weights(medium_checkpoint, tiny_checkpoint, dtype, n_shards):
+    """Peak memory added by loading and one forward pass stays within 10% of the weights: no second copy.
+
+    One bfloat16 shard is used in place. Converting (to float32) or gluing two shards together copies,
+    and each tensor's mapped pages are given back once copied: without that, the peak was 1.5x the
+    float32 weights, and 2x for two shards in bfloat16.
+    """
+    folder = medium_checkpoint[n_shards]
+    file_bytes = sum(shard.stat().st_size for shard in folder.glob("*.pth"))  # bfloat16
+    weight_bytes = file_bytes * (2 if dtype == "float32" else 1)
+    finished = subprocess.run(
+        [sys.executable, "-c", MEASURE_LOAD_MEMORY, str(folder), str(tiny_checkpoint("gqa1")), dtype],
+        capture_output=True, text=True, timeout=120,
+    )
     assert finished.returncode == 0, finished.stderr
     added = int(finished.stdout.split()[-1])
-    assert 0.5 * file_size < added < 1.1 * file_size  # the weights are resident once, not twice
+    assert 0.5 * weight_bytes < added < 1.1 * weight_bytes  # the weights are resident once, not twice
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_released_pages_leave_memory_and_keep_their_numbers(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.randn(1024, 1024).bfloat16()}, path)  # 2 MiB, 512 pages
+    mapped = torch.load(path, mmap=True, weights_only=True)["w"]
+    numbers = mapped.clone()  # reading it brings every page into memory
+    resident_before = mapped_file_rss_bytes("weights.pth")
+    release_mapped_pages(mapped, shard_mappings([path]))
+    assert resident_before >= mapped.nbytes
+    assert mapped_file_rss_bytes("weights.pth") <= 2 * 4096  # at most the two pages shared with the file's header and end
+    assert torch.equal(mapped, numbers)  # read again from the file
+
+
+def test_release_leaves_memory_outside_the_files_alone(tmp_path):
+    """madvise(MADV_DONTNEED) would zero ordinary memory: only the shards' mappings are given back."""
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.ones(4)}, path)
+    file_tensor = torch.load(path, mmap=True, weights_only=True)["w"]  # keeps the file mapped
+    ordinary = torch.randn(1024, 1024)
+    numbers = ordinary.clone()
+    release_mapped_pages(ordinary, shard_mappings([path]))
+    assert torch.equal(ordinary, numbers)
+    assert torch.equal(file_tensor, torch.ones(4))
 
 
 def test_output_weight_stored_as_the_embedding_stays_one_tensor(checkpoint_copy):

@@ -9,7 +9,9 @@ A Meta checkpoint folder (e.g. ~/.llama/checkpoints/Llama3.2-1B-Instruct) holds:
 
 Loading keeps memory near one copy of the weights: the .pth files are memory-mapped (pages come from
 disk when first read), the model is built without weights of its own, and `load_state_dict(...,
-assign=True)` makes the mapped tensors the model's parameters instead of copying into them.
+assign=True)` makes the mapped tensors the model's parameters instead of copying into them. Where a
+copy cannot be avoided (float32, a GPU, several shards glued together), each tensor's pages of the
+file are given back as soon as it is copied (Linux; see sharding.py).
 
 Under torchrun, each of the N processes loads only its 1/N of every matrix (model parallelism); N
 need not equal the number of shard files (see sharding.py).
@@ -31,7 +33,7 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError, ModelArgs
 from .model import Transformer
-from .sharding import args_for_model_parallel, check_world_size, local_state_dict
+from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages, shard_mappings
 from .tokenizer import Tokenizer
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
@@ -288,17 +290,23 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     """
     rank, world_size = model_parallel_rank_and_size()
     check_world_size(model.args, len(files.shards), world_size, files.folder)
-    state_dict = local_state_dict(files.shards, rank, world_size, model.args)
     weights = files.shards[0] if len(files.shards) == 1 else files.folder  # named in error messages
-    tensors = match_checkpoint_to_model(state_dict, model, weights)
+    # `tensors` holds the only reference to each tensor read, so that one replaced by its converted
+    # copy below is freed at once (a tensor glued from several shards is a copy in ordinary memory).
+    tensors = match_checkpoint_to_model(local_state_dict(files.shards, rank, world_size, model.args), model, weights)
     # On the CPU in the file's dtype, `.to` returns the memory-mapped tensor itself: no copy at all.
+    # Any other dtype or device makes a copy, after which the tensor's pages of the file are given
+    # back (see sharding.py), so that memory holds one copy of the weights at any time, not two.
     # Tied matrices (Meta's 3.2 1B/3B files store output.weight as the embedding's storage) are
     # converted once, so they stay one tensor on the device too.
+    mappings = shard_mappings(files.shards)
     converted = {}
     for name, tensor in tensors.items():
         key = same_memory(tensor)
         if key not in converted:
             converted[key] = tensor.to(device=device, dtype=dtype)
+            if converted[key] is not tensor:
+                release_mapped_pages(tensor, mappings)
         tensors[name] = converted[key]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.requires_grad_(False)  # inference only: autograd needs no bookkeeping for these
