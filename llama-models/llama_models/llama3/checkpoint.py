@@ -291,25 +291,34 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     rank, world_size = model_parallel_rank_and_size()
     check_world_size(model.args, len(files.shards), world_size, files.folder)
     weights = files.shards[0] if len(files.shards) == 1 else files.folder  # named in error messages
-    # `tensors` holds the only reference to each tensor read, so that one replaced by its converted
-    # copy below is freed at once (a tensor glued from several shards is a copy in ordinary memory).
+    # Not kept in a variable of its own: `tensors` must hold the only reference to each tensor read
+    # (see convert_one_by_one).
     tensors = match_checkpoint_to_model(local_state_dict(files.shards, rank, world_size, model.args), model, weights)
-    # On the CPU in the file's dtype, `.to` returns the memory-mapped tensor itself: no copy at all.
-    # Any other dtype or device makes a copy, after which the tensor's pages of the file are given
-    # back (see sharding.py), so that memory holds one copy of the weights at any time, not two.
-    # Tied matrices (Meta's 3.2 1B/3B files store output.weight as the embedding's storage) are
-    # converted once, so they stay one tensor on the device too.
-    mappings = shard_mappings(files.shards)
-    converted = {}
-    for name, tensor in tensors.items():
+    convert_one_by_one(tensors, device, dtype, shard_mappings(files.shards))
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.requires_grad_(False)  # inference only: autograd needs no bookkeeping for these
+
+
+def convert_one_by_one(tensors: dict, device: torch.device, dtype: torch.dtype, mappings: list[range]) -> None:
+    """Replace every tensor in {name: tensor} by itself on `device` in `dtype`, holding at most one
+    tensor twice at any moment.
+
+    On the CPU in the file's dtype, `.to` returns the memory-mapped tensor itself: no copy at all.
+    Any other dtype or device makes a copy; then the tensor's pages of the mapped file are given back
+    (see sharding.py), and a tensor in ordinary memory (glued from several shards) is freed when its
+    copy replaces it in `tensors`. The largest tensors go first, while few copies exist yet.
+    Tied matrices (Meta's 3.2 1B/3B files store output.weight as the embedding's storage) are
+    converted once, so they stay one tensor on the device too.
+    """
+    converted = {}  # same_memory(tensor) -> its copy
+    for name in sorted(tensors, key=lambda name: tensors[name].numel(), reverse=True):
+        tensor = tensors[name]
         key = same_memory(tensor)
         if key not in converted:
             converted[key] = tensor.to(device=device, dtype=dtype)
             if converted[key] is not tensor:
                 release_mapped_pages(tensor, mappings)
         tensors[name] = converted[key]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.requires_grad_(False)  # inference only: autograd needs no bookkeeping for these
 
 
 def load_llama(
