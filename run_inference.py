@@ -206,8 +206,9 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # ================================================================================================
 # consolidated.00.pth is a dict of bfloat16 tensors named like the model's modules
 # ("layers.0.attention.wq.weight"). `load_weights` memory-maps it and hands those very tensors to the
-# model (load_state_dict(assign=True)), so on the CPU the weights are pages of the file, read from disk
-# when first used, and never copied. See llama_models/llama3/checkpoint.py.
+# model (load_state_dict(assign=True)), so on the CPU in bfloat16 the weights are pages of the file,
+# read from disk when first used, and never copied. (A float32 or GPU load copies each tensor and
+# gives its pages of the file back.) See llama_models/llama3/checkpoint.py.
 
 
 # ================================================================================================

@@ -109,7 +109,8 @@ def write_checkpoint(
 
 
 def memory_mapped_ranges(file_name: str) -> list[range]:
-    """Address ranges where this process has mapped a file whose path ends with `file_name` (Linux)."""
+    """Address ranges where this process has mapped a file whose path ends with `file_name` (Linux).
+    Written apart from the package's sharding.shard_mappings, so that the tests check it independently."""
     ranges = []
     for line in open("/proc/self/maps"):
         if line.rstrip().endswith(str(file_name)):
@@ -118,14 +119,15 @@ def memory_mapped_ranges(file_name: str) -> list[range]:
     return ranges
 
 
-def mapped_file_rss_bytes(file_name: str) -> int:
-    """How much of the files whose paths end with `file_name` this process holds in memory (Linux)."""
+def mapped_file_rss_bytes(path: Path) -> int:
+    """How much of the file at `path` this process holds in memory through mappings (Linux)."""
     total, in_file = 0, False
-    for line in open("/proc/self/smaps"):
-        if "-" in line.split()[0]:  # a mapping's header: "7fac3a600000-7facae607000 rw-p ... /path"
-            in_file = line.rstrip().endswith(str(file_name))
-        elif in_file and line.startswith("Rss:"):
-            total += int(line.split()[1]) * 1024  # "Rss:   2048 kB"
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split()[0]:  # a mapping's header: "7fac3a600000-7facae607000 rw-p ... /path"
+                in_file = line.rstrip().endswith(" " + str(path))
+            elif in_file and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024  # "Rss:   2048 kB"
     return total
 
 

@@ -1,6 +1,7 @@
 """Loading checkpoints: what gets fixed quietly, and a one-line error for everything that cannot be."""
 
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from checkpoints import TINY_SHAPES, folder_snapshot, mapped_file_rss_bytes, memory_mapped_ranges, write_checkpoint
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
-from llama_models.llama3.sharding import release_mapped_pages, shard_mappings
+from llama_models.llama3.sharding import release_mapped_pages
 from tokenizer_files import write_byte_level_tokenizer
 
 
@@ -247,19 +248,21 @@ def test_loading_keeps_one_copy_of_the_weights(medium_checkpoint, tiny_checkpoin
     assert 0.5 * weight_bytes < added < 1.1 * weight_bytes  # the weights are resident once, not twice
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="pages are given back on Linux only")
 def test_released_pages_leave_memory_and_keep_their_numbers(tmp_path):
+    """The pages of a mapped tensor leave the process, and reading the tensor brings them back."""
     path = tmp_path / "weights.pth"
-    torch.save({"w": torch.randn(1024, 1024).bfloat16()}, path)  # 2 MiB, 512 pages
+    torch.save({"w": torch.randn(1024, 1024).bfloat16()}, path)  # 2 MiB
     mapped = torch.load(path, mmap=True, weights_only=True)["w"]
     numbers = mapped.clone()  # reading it brings every page into memory
-    resident_before = mapped_file_rss_bytes("weights.pth")
-    release_mapped_pages(mapped, shard_mappings([path]))
+    resident_before = mapped_file_rss_bytes(path)
+    release_mapped_pages(mapped, [path])
     assert resident_before >= mapped.nbytes
-    assert mapped_file_rss_bytes("weights.pth") <= 2 * 4096  # at most the two pages shared with the file's header and end
+    assert mapped_file_rss_bytes(path) <= 2 * mmap.PAGESIZE  # the pages shared with the file's header and end
     assert torch.equal(mapped, numbers)  # read again from the file
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="pages are given back on Linux only")
 def test_release_leaves_memory_outside_the_files_alone(tmp_path):
     """madvise(MADV_DONTNEED) would zero ordinary memory: only the shards' mappings are given back."""
     path = tmp_path / "weights.pth"
@@ -267,7 +270,7 @@ def test_release_leaves_memory_outside_the_files_alone(tmp_path):
     file_tensor = torch.load(path, mmap=True, weights_only=True)["w"]  # keeps the file mapped
     ordinary = torch.randn(1024, 1024)
     numbers = ordinary.clone()
-    release_mapped_pages(ordinary, shard_mappings([path]))
+    release_mapped_pages(ordinary, [path])
     assert torch.equal(ordinary, numbers)
     assert torch.equal(file_tensor, torch.ones(4))
 

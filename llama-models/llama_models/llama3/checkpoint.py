@@ -33,7 +33,7 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError, ModelArgs
 from .model import Transformer
-from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages, shard_mappings
+from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages
 from .tokenizer import Tokenizer
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
@@ -291,15 +291,17 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     rank, world_size = model_parallel_rank_and_size()
     check_world_size(model.args, len(files.shards), world_size, files.folder)
     weights = files.shards[0] if len(files.shards) == 1 else files.folder  # named in error messages
-    # Not kept in a variable of its own: `tensors` must hold the only reference to each tensor read
-    # (see convert_one_by_one).
-    tensors = match_checkpoint_to_model(local_state_dict(files.shards, rank, world_size, model.args), model, weights)
-    convert_one_by_one(tensors, device, dtype, shard_mappings(files.shards))
+    state_dict = local_state_dict(files.shards, rank, world_size, model.args)
+    tensors = match_checkpoint_to_model(state_dict, model, weights)
+    # From here on `tensors` holds the only reference to each tensor read, so a tensor glued from
+    # several shards (a copy in ordinary memory) is freed as soon as its converted copy replaces it.
+    del state_dict
+    convert_one_by_one(tensors, device, dtype, files.shards)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.requires_grad_(False)  # inference only: autograd needs no bookkeeping for these
 
 
-def convert_one_by_one(tensors: dict, device: torch.device, dtype: torch.dtype, mappings: list[range]) -> None:
+def convert_one_by_one(tensors: dict, device: torch.device, dtype: torch.dtype, shard_paths: list) -> None:
     """Replace every tensor in {name: tensor} by itself on `device` in `dtype`, holding at most one
     tensor twice at any moment.
 
@@ -317,7 +319,7 @@ def convert_one_by_one(tensors: dict, device: torch.device, dtype: torch.dtype, 
         if key not in converted:
             converted[key] = tensor.to(device=device, dtype=dtype)
             if converted[key] is not tensor:
-                release_mapped_pages(tensor, mappings)
+                release_mapped_pages(tensor, shard_paths)
         tensors[name] = converted[key]
 
 

@@ -30,6 +30,7 @@ n_kv_heads = N, and each query head still meets the same keys and values as befo
 """
 
 import ctypes
+import functools
 import math
 import mmap
 import os
@@ -135,45 +136,69 @@ def read_shard(path: Path) -> dict:
 # Loading copies a tensor out of the mapped file when it converts it (bfloat16 to float32, CPU to
 # GPU) or glues shards together. The copied-from pages would stay in this process's memory until
 # the file's last tensor is gone, at the end of loading: a float32 load would peak at the float32
-# weights plus the whole bfloat16 file (1.5x). madvise(MADV_DONTNEED) drops them at once. For a
-# mapped file that loses nothing: the bytes stay in the file and in the kernel's page cache, and a
-# later read of those addresses brings them back. For ordinary memory it would erase the numbers,
-# so only addresses inside the shards' mappings are ever given back. Linux only (/proc/self/maps).
+# weights plus the whole bfloat16 file (1.5x). madvise(MADV_DONTNEED) drops them at once.
+#
+# Why that loses nothing: torch.load maps the file privately (copy-on-write), and a dropped page
+# that was never written to is read back from the file (or the kernel's page cache) if it is ever
+# touched again. Two rules keep it so:
+# - Nothing may write to a mapped tensor before it is released. torch.load itself writes only to swap
+#   the byte order on a big-endian machine, where nothing is released.
+# - Only addresses inside a mapping of a shard file are released, checked at the moment of release
+#   while the tensor (and so its mapping) is alive. On ordinary memory MADV_DONTNEED would erase the
+#   numbers.
+# Linux only: the mappings are read from /proc/self/maps.
 
 
 def shard_mappings(shard_paths: list) -> list[range]:
-    """The address ranges where this process has memory-mapped any of these files (Linux)."""
-    if not sys.platform.startswith("linux"):
+    """The address ranges where this process has memory-mapped any of these files (Linux; [] elsewhere)."""
+    if not sys.platform.startswith("linux") or sys.byteorder != "little":
         return []
     wanted = {os.path.realpath(path) for path in shard_paths}
     mappings = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:  # "7fac3a600000-7facae607000 rw-p 00000000 fe:00 2146490    /path/to/file"
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") in wanted:
-                start, end = (int(address, 16) for address in fields[0].split("-"))
-                mappings.append(range(start, end))
+    try:
+        # surrogateescape: other mapped files' names need not be valid UTF-8 (realpath decodes alike).
+        with open("/proc/self/maps", errors="surrogateescape") as maps:
+            for line in maps:  # "7fac3a600000-7facae607000 rw-p 00000000 fe:00 2146490    /path/to/file"
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") in wanted:
+                    start, end = (int(address, 16) for address in fields[0].split("-"))
+                    mappings.append(range(start, end))
+    except OSError:  # no /proc: then nothing is released, which is only slower on memory
+        return []
     return mappings
 
 
-def release_mapped_pages(tensor: torch.Tensor, mappings: list[range]) -> None:
-    """Drop from this process's memory the pages that hold only `tensor`'s bytes, if they lie in
-    `mappings`. Pages shared with a neighbouring tensor are kept.
+def release_mapped_pages(tensor: torch.Tensor, shard_paths: list) -> None:
+    """Drop from this process's memory the whole pages within `tensor`'s span of bytes, if they lie in
+    a mapping of one of `shard_paths`. Pages it shares with its neighbours are kept.
 
-    Only an optimisation: where madvise refuses, the pages stay until the file is closed.
+    A strided view (a block of columns) spans the other columns between its rows too; those pages
+    are dropped with it and read back from the file if anyone uses them later.
     """
     if tensor.numel() == 0:
         return
-    # The tensor's bytes, from its first element to the end of its last (a strided view spans the
-    # elements between them too).
     last_element = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     first_byte = tensor.data_ptr()
     end_byte = first_byte + (last_element + 1) * tensor.element_size()
-    start = math.ceil(first_byte / mmap.PAGESIZE) * mmap.PAGESIZE  # round inwards to whole pages
+    start = (first_byte + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE  # round inwards to whole pages
     end = end_byte // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start and any(start in mapping and end - 1 in mapping for mapping in mappings):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+    if end > start and inside_one_mapping(start, end, shard_mappings(shard_paths)):
+        # A refusal (non-zero result) only means the pages stay until the file is closed.
+        _madvise()(start, end - start, mmap.MADV_DONTNEED)
+
+
+def inside_one_mapping(start: int, end: int, mappings: list[range]) -> bool:
+    return any(start in mapping and end - 1 in mapping for mapping in mappings)
+
+
+@functools.cache
+def _madvise():
+    """The C library's madvise(address, length, advice), with its argument types declared: untyped,
+    ctypes would pass Python ints as 32-bit C ints and cut 64-bit addresses short."""
+    madvise = ctypes.CDLL(None).madvise  # CDLL(None): the C library already loaded in this process
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 class ShardFiles:
@@ -205,7 +230,7 @@ class ShardFiles:
 
     def release(self, tensor: torch.Tensor) -> None:
         """Call after copying `tensor` out of a shard: its pages leave this process's memory."""
-        release_mapped_pages(tensor, shard_mappings(self.paths))
+        release_mapped_pages(tensor, self.paths)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,8 +276,9 @@ def slice_for_rank(shards: ShardFiles, name: str, dim: int, rank: int, world_siz
     size = stored.shape[dim] // per_shard
     part = stored.narrow(dim, (rank % per_shard) * size, size)
     # Rows (dim 0) are a contiguous view into the mapped file, and contiguous() returns them as they
-    # are. Columns (dim 1) are strided, and matrix products want compact rows: they are copied out,
-    # which reads only this process's columns.
+    # are. Columns (dim 1) are strided, and matrix products want compact rows: they are copied out.
+    # Rows of a few KiB share their pages with the other processes' columns, so the copy reads in
+    # most of the matrix's pages, and `release` drops them again.
     compact = part.contiguous()
     if compact is not part:
         shards.release(part)
