@@ -23,7 +23,7 @@ Timings are taken in one run on one machine, so read the ratios rather than the 
 other processes running at the same time slow both sides. A step is timed from the start of one
 forward pass to the start of the next; a decode rate is 1 / the median step over --repeats
 generations (after a warm-up), so bursts of load from other processes count little, and a
-prefill is the fastest of the repeats.
+prefill is the fastest of 5 generations of one token.
 
 Needs torch and our package; the transformers columns need transformers (a dev dependency).
 """
@@ -70,6 +70,9 @@ DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "f32": "float32"}
 DEFAULT_PROMPT_TOKENS = 128
 BEAM_WIDTH = 4
+# A prefill is short (a third of a second for 1B), so a burst of load from another process can
+# double one; the best of several is the code's own speed. Timed apart from the generations.
+PREFILL_REPEATS = 5
 MIB = 2**20
 GIB = 2**30
 DEFAULT_CACHE = Path("~/.cache/llama-models-bench").expanduser()
@@ -420,19 +423,42 @@ class ForwardClock:
         return decode_marks[0] - marks[0], [later - earlier for earlier, later in itertools.pairwise(decode_marks)]
 
 
+def best_prefill(clock: ForwardClock, first_token, prefill_passes: int) -> float:
+    """The fastest of PREFILL_REPEATS prefills; first_token() generates the first token only."""
+    return min(clock.time_generation(first_token, prefill_passes, 1)[0] for _ in range(PREFILL_REPEATS))
+
+
 def time_repeatedly(clock: ForwardClock, generate, repeats: int, prefill_passes: int, new_tokens: int) -> dict:
-    """Prefill: the best of the repeats. Decode step: the median of all steps of all repeats.
+    """The decode steps of `repeats` generations: the median step, the fastest, and all of them.
 
     Other processes on the machine (a test run, say) slow some steps down several times over; the
     median ignores such bursts as long as they cover less than half of the steps.
     """
-    prefills, steps = [], []
+    steps = []
     for _ in range(repeats):
-        prefill, step_times = clock.time_generation(generate, prefill_passes, new_tokens)
-        prefills.append(prefill)
+        _, step_times = clock.time_generation(generate, prefill_passes, new_tokens)
         steps += step_times
-    return {"prefill_s": min(prefills), "step_s": statistics.median(steps), "step_min_s": min(steps),
-            "steps_s": steps}
+    return {"step_s": statistics.median(steps), "step_min_s": min(steps), "steps_s": steps}
+
+
+def ours_greedy(model, prompt: list, tokens: int) -> list:
+    """Our greedy decoding of `tokens` tokens (1: the prefill and the token it picks)."""
+    import run_inference
+
+    # islice: stop after the n-th token, before greedy_decode runs a forward pass for token n + 1.
+    return list(itertools.islice(run_inference.greedy_decode(model, prompt, tokens), tokens))
+
+
+def ours_prefill_passes(prompt_tokens: int) -> int:
+    import run_inference
+
+    return math.ceil(prompt_tokens / run_inference.PREFILL_CHUNK)  # one forward pass per chunk
+
+
+def transformers_generate(model, prompt: torch.Tensor, tokens: int, **options) -> torch.Tensor:
+    # No end-of-text token is configured, so it generates exactly `tokens` tokens, like ours.
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, do_sample=False,
+                          **options)
 
 
 def worker_ours(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
@@ -451,23 +477,21 @@ def worker_ours(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens
     report.save(load_s=time.perf_counter() - started, rss_after_load_mib=rss_mib())
 
     # Warm-up: the first prefill also reads every weight from the memory-mapped file for the first time.
-    next(run_inference.greedy_decode(model, prompt, 1))
+    ours_greedy(model, prompt, 1)
     report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib())
     if dtype == torch.bfloat16:  # the probe decides bfloat16 products only
         report.save(fast_bfloat16_products=cpu_multiplies_bfloat16_fast())
-
-    def greedy():
-        # islice: stop after the n-th token, before greedy_decode runs a forward pass for token n + 1.
-        return list(itertools.islice(run_inference.greedy_decode(model, prompt, new_tokens), new_tokens))
 
     def beam():
         return run_inference.beam_search(model, prompt, BEAM_WIDTH, new_tokens, stop_tokens=frozenset(),
                                          length_penalty=1.0)
 
     clock = ForwardClock(model.tok_embeddings)
-    prefill_passes = math.ceil(prompt_tokens / run_inference.PREFILL_CHUNK)
-    report.save(greedy=time_repeatedly(clock, greedy, repeats, prefill_passes, new_tokens))
-    report.save(beam=time_repeatedly(clock, beam, repeats, prefill_passes, new_tokens), peak_rss_mib=peak_rss_mib())
+    passes = ours_prefill_passes(prompt_tokens)
+    report.save(prefill_s=best_prefill(clock, lambda: ours_greedy(model, prompt, 1), passes))
+    report.save(greedy=time_repeatedly(clock, lambda: ours_greedy(model, prompt, new_tokens), repeats, passes,
+                                       new_tokens))
+    report.save(beam=time_repeatedly(clock, beam, repeats, passes, new_tokens), peak_rss_mib=peak_rss_mib())
 
 
 def worker_transformers(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
@@ -480,26 +504,56 @@ def worker_transformers(folder: Path, dtype: torch.dtype, prompt_tokens: int, ne
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
     report.save(load_s=time.perf_counter() - started, rss_after_load_mib=rss_mib())
 
-    def generate(steps, **options):
-        # No end-of-text token is configured, so it generates exactly `steps` tokens, like ours.
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                              do_sample=False, **options)
-
-    generate(1)  # warm-up
+    transformers_generate(model, prompt, 1)  # warm-up
     report.save(first_token_s=time.perf_counter() - started, rss_after_first_forward_mib=rss_mib())
 
     def greedy():
-        return generate(new_tokens)
+        return transformers_generate(model, prompt, new_tokens)
 
     def beam():
-        return generate(new_tokens, num_beams=BEAM_WIDTH, early_stopping=True, length_penalty=1.0)
+        return transformers_generate(model, prompt, new_tokens, num_beams=BEAM_WIDTH, early_stopping=True,
+                                     length_penalty=1.0)
 
     clock = ForwardClock(model.get_input_embeddings())
-    report.save(greedy=time_repeatedly(clock, greedy, repeats, 1, new_tokens))  # the whole prompt in one pass
+    # transformers runs the whole prompt in one forward pass.
+    report.save(prefill_s=best_prefill(clock, lambda: transformers_generate(model, prompt, 1), 1))
+    report.save(greedy=time_repeatedly(clock, greedy, repeats, 1, new_tokens))
     report.save(beam=time_repeatedly(clock, beam, repeats, 1, new_tokens), peak_rss_mib=peak_rss_mib())
 
 
-WORKERS = {"ours": worker_ours, "transformers": worker_transformers}
+def worker_prefills_side_by_side(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int,
+                                 repeats: int, report: Report) -> None:
+    """Both models in one process, prefilling in turns (the order swapped every round), the best of
+    PREFILL_REPEATS each. A prefill is short and compute-bound, and the CPU time this shared machine
+    gives a process moves more between two processes a minute apart than the two prefills differ:
+    the separate workers' prefill ratio ranged from 0.82 to 1.10 over runs of the same code."""
+    from llama_models.llama3 import load_llama
+    from transformers import LlamaForCausalLM
+
+    prompt = random_prompt(prompt_tokens)
+    ours, _ = load_llama(folder, device="cpu", dtype=dtype, max_seq_len=prompt_tokens + 1)
+    theirs = LlamaForCausalLM.from_pretrained(folder.parent / "transformers", dtype=dtype,
+                                              attn_implementation="sdpa").eval()
+    prompt_ids = torch.tensor([prompt])
+    sides = {  # side: (clock, generate the first token, forward passes that takes)
+        "ours": (ForwardClock(ours.tok_embeddings), lambda: ours_greedy(ours, prompt, 1),
+                 ours_prefill_passes(prompt_tokens)),
+        "transformers": (ForwardClock(theirs.get_input_embeddings()),
+                         lambda: transformers_generate(theirs, prompt_ids, 1), 1),
+    }
+    times = {side: [] for side in sides}
+    for _, first_token, _ in sides.values():
+        first_token()  # warm-up
+    for round_number in range(PREFILL_REPEATS):
+        order = list(sides) if round_number % 2 == 0 else list(reversed(sides))
+        for side in order:
+            clock, first_token, passes = sides[side]
+            times[side].append(clock.time_generation(first_token, passes, 1)[0])
+    report.save(prefill_s={side: min(side_times) for side, side_times in times.items()}, prefill_times_s=times)
+
+
+WORKERS = {"ours": worker_ours, "transformers": worker_transformers,
+           "side_by_side": worker_prefills_side_by_side}
 
 
 def run_worker_main(options) -> None:
@@ -580,7 +634,8 @@ def derived_metrics(report: dict, prompt_tokens: int) -> dict:
     out = {}
     if "greedy" in report:
         out["decode_tok_s"] = 1 / report["greedy"]["step_s"]
-        out["prefill_tok_s"] = prompt_tokens / report["greedy"]["prefill_s"]
+    if "prefill_s" in report:
+        out["prefill_tok_s"] = prompt_tokens / report["prefill_s"]
     if "beam" in report:
         out["beam_steps_s"] = 1 / report["beam"]["step_s"]
         out["beam_step_vs_greedy"] = report["beam"]["step_s"] / report["greedy"]["step_s"]
@@ -779,7 +834,19 @@ def run_workers(dtype: str, args: ModelArgs, meta_folder: Path, hf_folder, optio
     reports = {"ours": run_worker("ours", meta_folder, dtype, options)}
     if hf_folder is not None:
         reports["transformers"] = run_worker("transformers", hf_folder, dtype, options)
+        # Two copies of the weights in one process: only where they fit with room to spare.
+        if 2 * ideal_memory_bytes(args, DTYPES[dtype], 0, 0) < 0.8 * meminfo_bytes("MemTotal"):
+            reports["side_by_side"] = run_worker("side_by_side", meta_folder, dtype, options)
     return reports
+
+
+def use_side_by_side_prefills(metrics: dict, side_by_side: dict, prompt_tokens: int) -> str:
+    """Put the prefill rates measured in one process into `metrics`; returns the note saying so."""
+    apart = ", ".join(f"{side} {fmt(metrics[side].get('prefill_tok_s'))}" for side in side_by_side["prefill_s"])
+    for side, seconds in side_by_side["prefill_s"].items():
+        metrics[side]["prefill_tok_s"] = prompt_tokens / seconds
+    return (f"prefill: both models in one process, in turns, best of {PREFILL_REPEATS} each "
+            f"(in their separate processes: {apart} tok/s)")
 
 
 def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, options) -> dict:
@@ -787,8 +854,11 @@ def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, opti
     roofline = roofline_for(args, DTYPES[dtype], bandwidth, options.prompt_tokens, options.new_tokens)
     if "skipped" in reports:
         return {"roofline": roofline, "rows": [], "notes": [reports["skipped"]]}
-    metrics = {side: derived_metrics(report, options.prompt_tokens) for side, report in reports.items()}
+    metrics = {side: derived_metrics(report, options.prompt_tokens) for side, report in reports.items()
+               if side != "side_by_side"}
     notes = []
+    if "prefill_s" in reports.get("side_by_side", {}):
+        notes.append(use_side_by_side_prefills(metrics, reports["side_by_side"], options.prompt_tokens))
     for side, report in reports.items():
         if "error" in report:
             notes.append(f"{side} failed: {report['error']} (the numbers shown are those it reached)")
