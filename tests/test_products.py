@@ -30,12 +30,17 @@ def test_every_path_computes_x_times_weight_transposed(fast_bfloat16, rows, dtyp
 
 
 def record_kernels(monkeypatch) -> list:
-    """Replace torch.mv and F.linear with wrappers that log (kernel, dtype) and then compute."""
-    calls, mv, linear = [], torch.mv, F.linear
+    """Replace torch.mv, torch.mm and F.linear with wrappers that log (kernel, dtype), then compute."""
+    calls, mv, mm, linear = [], torch.mv, torch.mm, F.linear
 
     def logged_mv(matrix, vector):
         calls.append(("mv", vector.dtype))
         return mv(matrix, vector)
+
+    def logged_mm(weight, x_columns):
+        assert weight.shape[1] == x_columns.shape[0]  # the weight on the left: (out, in) @ (in, rows)
+        calls.append(("mm", x_columns.dtype))
+        return mm(weight, x_columns)
 
     def logged_linear(x, weight):
         assert x.dtype == weight.dtype
@@ -43,6 +48,7 @@ def record_kernels(monkeypatch) -> list:
         return linear(x, weight)
 
     monkeypatch.setattr(torch, "mv", logged_mv)
+    monkeypatch.setattr(torch, "mm", logged_mm)
     monkeypatch.setattr(F, "linear", logged_linear)
     return calls
 
@@ -51,8 +57,8 @@ BF16, F32 = torch.bfloat16, torch.float32
 # (dtype, rows) -> kernel and the dtype it multiplies in, on a CPU (with, without) fast bfloat16.
 EXPECTED_KERNELS = {
     (BF16, 1): (("mv", BF16), ("linear", BF16)),  # a decode step
-    (BF16, 4): (("linear", BF16), ("linear", BF16)),  # beams: too few rows to pay for a conversion
-    (BF16, 40): (("linear", BF16), ("linear", F32)),  # a prompt
+    (BF16, 4): (("mm", BF16), ("linear", BF16)),  # beams: too few rows to pay for a conversion
+    (BF16, 40): (("mm", BF16), ("linear", F32)),  # a prompt
     (F32, 1): (("linear", F32), ("linear", F32)),
     (F32, 40): (("linear", F32), ("linear", F32)),
 }

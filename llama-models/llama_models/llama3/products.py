@@ -3,9 +3,9 @@
 The model's arithmetic is the same everywhere; how fast PyTorch does it on a CPU depends on the chip,
 and the difference is large enough to choose per chip. Two kinds of product set a Llama's speed:
 
-- A decode step multiplies one row (the new token) by every weight matrix. Each weight is used once
-  and the time goes into streaming the weights from memory, so the best kernel is the one that
-  streams fastest.
+- A decode step multiplies one row (the new token) by every weight matrix, a beam-search step a few
+  rows (one per beam). Each weight is used once per step, and the time goes into streaming the
+  weights from memory, so the best kernel is the one that streams fastest.
 - A prompt multiplies all its rows (tokens) by every matrix. Each weight is used once per row, so
   the time goes into arithmetic. CPUs with bfloat16 instructions (x86 with AVX512-BF16 or AMX,
   ARM with BF16) multiply bfloat16 faster than float32. Without them (x86 with AVX2 only, as in most
@@ -20,14 +20,18 @@ bfloat16, each pair in one interleaved A/B run:
                               with bfloat16 instructions        without (capped at AVX2)
     decode step (one row)     torch.mv               105 ms     F.linear               166 ms
                               (F.linear              133 ms)    (torch.mv              181 ms)
+    beam step (4 rows)        weight @ x.T           118 ms     F.linear               390 ms
+                              (F.linear              140 ms)    (weight @ x.T          650 ms)
     prompt of 128 tokens      bfloat16 products     0.33 s      float32 products      2.63 s
                               (float32 products     2.09 s)     (bfloat16 products    7.46 s)
 
-torch.mv hands oneDNN (Intel's kernel library inside PyTorch) the product as the weight (out, in)
-times a one-column matrix, a shape its bfloat16 kernels stream faster than F.linear's one row times
-the transposed weight. Without bfloat16 instructions oneDNN takes no bfloat16 matrix-vector product,
-and torch.mv falls back to a slower kernel of PyTorch's own. That torch.mv wins wherever bfloat16
-products are fast is measured on this Xeon only; ARM CPUs with bfloat16 follow the same rule untested.
+With bfloat16 instructions, the weight goes on the left. torch.mv hands oneDNN (Intel's kernel
+library inside PyTorch) the product as the weight (out, in) times one column, and torch.mm(weight,
+x.T) as the weight times a few columns: its bfloat16 kernels stream the weight faster in that shape
+than in F.linear's rows times the transposed weight (for 2 to 384 rows; from 512 rows on the two are
+even). Without bfloat16 instructions oneDNN takes no bfloat16 product, and PyTorch's own kernels
+are faster with F.linear's shape. That the weight-first shapes win wherever bfloat16 products are
+fast is measured on this Xeon only; ARM CPUs with bfloat16 follow the same rule untested.
 
 Which column applies is measured, not guessed from CPU names: `cpu_multiplies_bfloat16_fast` times a
 small bfloat16 product against the same product in float32, once per process (a few milliseconds;
@@ -81,7 +85,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         fast_bfloat16 = cpu_multiplies_bfloat16_fast()
         if rows == 1 and fast_bfloat16:  # a decode step
             return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-        if rows >= MIN_ROWS_FOR_FLOAT32 and not fast_bfloat16:  # a prompt
+        if fast_bfloat16:  # beams and prompts: (out, in) @ (in, rows), the weight on the left
+            y_columns = torch.mm(weight, x.reshape(rows, -1).T)  # (out, rows)
+            return y_columns.T.contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., out)
+        if rows >= MIN_ROWS_FOR_FLOAT32:  # a prompt
             # .float() makes a float32 copy of this one matrix, freed right after the product:
             # never a second resident copy of the weights.
             return F.linear(x.float(), weight.float()).type_as(x)
