@@ -165,7 +165,7 @@ def ensure_meta_checkpoint(cache_dir: Path, shape: str) -> Path:
     print(f"writing a random {SHAPE_NAMES[shape]}-shaped checkpoint ({size / GIB:.1f} GiB) to {folder} ...", flush=True)
     check_free_disk(folder, size)
     started = time.perf_counter()
-    stale_conversion = folder.parent / "transformers" / "model.safetensors.index.json"
+    stale_conversion = hf_folder_for(folder) / "model.safetensors.index.json"
     stale_conversion.unlink(missing_ok=True)  # new weights: convert them again
     write_tokenizer(folder / "tokenizer.model")
     partial = folder / "consolidated.00.pth.partial"  # renamed when complete: an interrupted write is redone
@@ -229,11 +229,16 @@ def hf_config(args: ModelArgs):
     )
 
 
+def hf_folder_for(meta_folder: Path) -> Path:
+    """Where the same weights are kept in transformers' layout: <shape>/transformers beside <shape>/meta."""
+    return meta_folder.parent / "transformers"
+
+
 def ensure_hf_checkpoint(meta_folder: Path, shape: str) -> Path:
     """The cached transformers folder (config.json + sharded safetensors), converted if missing."""
     from safetensors.torch import save_file
 
-    folder = meta_folder.parent / "transformers"
+    folder = hf_folder_for(meta_folder)
     index_path = folder / "model.safetensors.index.json"  # written last: it marks a complete folder
     if index_path.is_file():
         return folder
@@ -532,7 +537,7 @@ def worker_prefills_side_by_side(folder: Path, dtype: torch.dtype, prompt_tokens
 
     prompt = random_prompt(prompt_tokens)
     ours, _ = load_llama(folder, device="cpu", dtype=dtype, max_seq_len=prompt_tokens + 1)
-    theirs = LlamaForCausalLM.from_pretrained(folder.parent / "transformers", dtype=dtype,
+    theirs = LlamaForCausalLM.from_pretrained(hf_folder_for(folder), dtype=dtype,
                                               attn_implementation="sdpa").eval()
     prompt_ids = torch.tensor([prompt])
     sides = {  # side: (clock, generate the first token, forward passes that takes)
