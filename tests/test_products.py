@@ -1,7 +1,6 @@
-"""The CPU product choices of llama_models/llama3/products.py: every path computes x @ W.T, and each
-case (device, dtype, number of rows, whether this CPU multiplies bfloat16 fast) takes its path.
-
-Which answer the timing probe gives depends on the machine, so the tests set it both ways."""
+"""llama_models/llama3/products.py: every candidate kernel computes x @ W.T, and the chooser keeps the
+fastest one per kind of product. Which candidate is fastest depends on the machine, so the choosing
+is tested with an injected clock."""
 
 import pytest
 import torch
@@ -9,97 +8,139 @@ import torch.nn.functional as F
 
 from llama_models.llama3 import load_llama, products
 
-
-@pytest.fixture(params=[True, False], ids=["cpu-with-bfloat16", "cpu-without-bfloat16"])
-def fast_bfloat16(request, monkeypatch):
-    monkeypatch.setattr(products, "cpu_multiplies_bfloat16_fast", lambda: request.param)
-    return request.param
-
-
-@pytest.mark.parametrize("rows", [1, 4, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_path_computes_x_times_weight_transposed(fast_bfloat16, rows, dtype):
-    generator = torch.Generator().manual_seed(4)
-    weight = torch.randn(96, 64, generator=generator).to(dtype)  # (out, in)
-    x = torch.randn(1, rows, 64, generator=generator).to(dtype)  # (batch, seq, in)
-    ours = products.linear(x, weight)
-    assert ours.shape == (1, rows, 96) and ours.dtype == dtype
-    reference = F.linear(x.double(), weight.double())
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # bfloat16 rounds the results to 8 bits
-    assert (ours.double() - reference).abs().max().item() < tolerance * reference.abs().max().item()
-
-
-def record_kernels(monkeypatch) -> list:
-    """Replace torch.mv, torch.mm and F.linear with wrappers that log (kernel, dtype), then compute."""
-    calls, mv, mm, linear = [], torch.mv, torch.mm, F.linear
-
-    def logged_mv(matrix, vector):
-        calls.append(("mv", vector.dtype))
-        return mv(matrix, vector)
-
-    def logged_mm(weight, x_columns):
-        assert weight.shape[1] == x_columns.shape[0]  # the weight on the left: (out, in) @ (in, rows)
-        calls.append(("mm", x_columns.dtype))
-        return mm(weight, x_columns)
-
-    def logged_linear(x, weight):
-        assert x.dtype == weight.dtype
-        calls.append(("linear", x.dtype))
-        return linear(x, weight)
-
-    monkeypatch.setattr(torch, "mv", logged_mv)
-    monkeypatch.setattr(torch, "mm", logged_mm)
-    monkeypatch.setattr(F, "linear", logged_linear)
-    return calls
-
-
 BF16, F32 = torch.bfloat16, torch.float32
-# (dtype, rows) -> kernel and the dtype it multiplies in, on a CPU (with, without) fast bfloat16.
-EXPECTED_KERNELS = {
-    (BF16, 1): (("mv", BF16), ("linear", BF16)),  # a decode step
-    (BF16, 4): (("mm", BF16), ("linear", BF16)),  # beams: too few rows to pay for a conversion
-    (BF16, 40): (("mm", BF16), ("linear", F32)),  # a prompt
-    (F32, 1): (("linear", F32), ("linear", F32)),
-    (F32, 40): (("linear", F32), ("linear", F32)),
-}
 
 
-@pytest.mark.parametrize("dtype, rows", sorted(EXPECTED_KERNELS, key=str))
-def test_kernel_and_dtype_chosen_for_each_case(fast_bfloat16, monkeypatch, dtype, rows):
-    calls = record_kernels(monkeypatch)
-    products.linear(torch.ones(1, rows, 64, dtype=dtype), torch.ones(96, 64, dtype=dtype))
-    with_fast_bfloat16, without = EXPECTED_KERNELS[(dtype, rows)]
-    assert calls == [with_fast_bfloat16 if fast_bfloat16 else without]
+@pytest.fixture
+def small_row_blocks(monkeypatch):
+    """A ROW_BLOCK small enough that the tests' matrices are cut into blocks."""
+    monkeypatch.setattr(products, "ROW_BLOCK", 16)
 
 
-def test_other_devices_always_use_f_linear_in_their_dtype(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 4, 40])  # a decode step, beams, a prompt
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_every_candidate_gives_f_linear_result(small_row_blocks, rows, dtype):
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(96, 64, generator=generator).to(dtype)  # (out, in): 6 blocks of 16 rows
+    x = torch.randn(rows, 64, generator=generator).to(dtype)  # (rows, in)
+    expected = F.linear(x, weight).double()
+    scale = expected.abs().max().item()
+    tolerance = 1e-5 if dtype == F32 else 2**-7  # bfloat16 results: a step of the last rounding
+    candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(rows, weight)]
+    assert len(candidates) >= 3
+    for kernel in candidates:
+        y = kernel.compute(x, weight)
+        assert y.shape == (rows, 96) and y.dtype == dtype, kernel.name
+        assert (y.double() - expected).abs().max().item() <= tolerance * scale, kernel.name
+
+
+def test_candidates_that_apply_to_each_kind():
+    bf16_matrix, f32_matrix, output_layer = torch.empty(96, 64, dtype=BF16), torch.empty(96, 64), torch.empty(
+        4 * products.ROW_BLOCK, 8, dtype=BF16)
+
+    def names(rows, weight):
+        return {kernel.name for kernel in products.CPU_KERNELS if kernel.applies(rows, weight)}
+
+    assert names(1, bf16_matrix) == {"F.linear", "torch.mv", "F.linear, oneDNN off", "torch.mv, oneDNN off"}
+    assert names(4, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off"}
+    assert names(40, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 copy"}
+    assert names(40, f32_matrix) == {"F.linear", "weight @ x.T"}
+    assert "row blocks" in names(1, output_layer)
+
+
+class FakeClock:
+    """A clock that each fake kernel advances by its own cost, so the fastest is known in advance."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def kernel(self, name: str, seconds, calls: list):
+        """seconds: a number, or a list giving the time of each successive call."""
+        costs = iter(seconds) if isinstance(seconds, list) else None
+
+        def compute(x, weight):
+            self.now += next(costs) if costs else seconds
+            calls.append(name)
+            return F.linear(x, weight)
+
+        return products.Kernel(name, compute)
+
+
+def test_chooser_tries_each_candidate_then_keeps_the_fastest():
+    clock, calls = FakeClock(), []
+    kernels = (clock.kernel("slow", 3.0, calls), clock.kernel("fast", 1.0, calls), clock.kernel("middle", 2.0, calls))
+    chooser = products.KernelChooser(kernels, trials=2, clock=clock)
+    x, weight = torch.ones(1, 8), torch.ones(4, 8)
+    for _ in range(10):
+        assert torch.equal(chooser(x, weight), F.linear(x, weight))
+    assert calls[:6] == ["slow", "fast", "middle"] * 2  # the least tried candidate goes next
+    assert calls[6:] == ["fast"] * 4
+    assert chooser.times[products.product_kind(1, weight)] == {"slow": [3.0, 3.0], "fast": [1.0, 1.0],
+                                                               "middle": [2.0, 2.0]}
+
+
+def test_chooser_judges_a_candidate_by_its_fastest_trial():
+    """A first read of a memory-mapped weight, or another process, makes one trial slow: not the kernel."""
+    clock, calls = FakeClock(), []
+    kernels = (clock.kernel("a", [9.0, 1.0, 1.0, 1.0], calls), clock.kernel("b", 1.5, calls))
+    chooser = products.KernelChooser(kernels, trials=3, clock=clock)
+    weight = torch.ones(4, 8)
+    for _ in range(7):
+        chooser(torch.ones(1, 8), weight)
+    assert calls[-1] == "a"
+
+
+def test_each_kind_of_product_is_chosen_apart():
+    """A decode step, beams and a prompt on the same weight, and another weight shape: four choices."""
+    clock, calls = FakeClock(), []
+    chooser = products.KernelChooser((clock.kernel("only", 1.0, calls),), trials=1, clock=clock)
+    square, wide = torch.ones(8, 8), torch.ones(16, 8)
+    for rows, weight in [(1, square), (4, square), (3, square), (40, square), (1, wide)]:
+        chooser(torch.ones(rows, 8), weight)
+    assert len(chooser.chosen) == 4  # 3 and 4 rows are one kind: rounded up to 4
+    assert products.product_kind(3, square) == products.product_kind(4, square) != products.product_kind(5, square)
+
+
+def test_linear_keeps_the_leading_dimensions(monkeypatch):
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    x, weight = torch.randn(2, 5, 64), torch.randn(96, 64)
+    for _ in range(products.TRIALS * len(products.CPU_KERNELS)):
+        y = products.linear(x, weight)
+        assert y.shape == (2, 5, 96)
+        torch.testing.assert_close(y, F.linear(x, weight))
+    assert products.chosen_kernel(10, weight) in {kernel.name for kernel in products.CPU_KERNELS}
+    assert products.chosen_kernel(1, weight) == "(still timing)"
+
+
+def test_other_devices_use_f_linear():
     """The meta device (shapes, no data) stands in for a GPU, which this machine may not have."""
-    monkeypatch.setattr(products, "cpu_multiplies_bfloat16_fast", lambda: False)
-    calls = record_kernels(monkeypatch)
-    for rows in (1, 40):
-        products.linear(torch.ones(1, rows, 64, dtype=BF16, device="meta"), torch.ones(96, 64, dtype=BF16, device="meta"))
-    assert calls == [("linear", BF16), ("linear", BF16)]
+    x, weight = torch.ones(1, 3, 64, dtype=BF16, device="meta"), torch.ones(96, 64, dtype=BF16, device="meta")
+    assert products.linear(x, weight).shape == (1, 3, 96)
+    assert products.chosen_kernel(3, weight) == "F.linear"
 
 
-def test_both_kinds_of_cpu_give_the_float32_model_logits(tiny_checkpoint, monkeypatch):
-    """A 40-token prompt (float32 products on a CPU without fast bfloat16) and decode steps: the
-    bfloat16 logits stay close to the float32 model's on both kinds of CPU."""
+def test_onednn_off_restores_the_setting():
+    before = torch._C._get_mkldnn_enabled()
+    with products.onednn_off():
+        assert not torch._C._get_mkldnn_enabled()
+    assert torch._C._get_mkldnn_enabled() == before
+
+
+def test_bfloat16_model_stays_close_to_float32_whatever_is_chosen(tiny_checkpoint, monkeypatch):
+    """A 40-token prompt and decode steps through a fresh chooser (so its trials run every candidate):
+    the bfloat16 logits stay close to the float32 model's."""
     folder = tiny_checkpoint("gqa4")
-    exact, _ = load_llama(folder, dtype=torch.float32, max_seq_len=64)
+    exact, _ = load_llama(folder, dtype=F32, max_seq_len=64)
     tokens = torch.randint(0, exact.args.vocab_size, (1, 44), generator=torch.Generator().manual_seed(5))
     reference = exact(tokens, start_pos=0)  # (1, 44, vocab)
-    for fast in (True, False):
-        monkeypatch.setattr(products, "cpu_multiplies_bfloat16_fast", lambda fast=fast: fast)
-        model, _ = load_llama(folder, dtype=torch.bfloat16, max_seq_len=64)
-        prompt = model(tokens[:, :40], start_pos=0)
-        steps = [model(tokens[:, pos : pos + 1], start_pos=pos) for pos in range(40, 44)]
-        logits = torch.cat([prompt, *steps], dim=1)
-        relative_error = (logits - reference).norm() / reference.norm()
-        assert relative_error.item() < 0.05, f"fast bfloat16 = {fast}"
-
-
-def test_timing_probe_leaves_the_random_state_alone():
-    """Sampling with a seed must give the same text whether or not the probe ran in between."""
-    state = torch.get_rng_state()
-    assert isinstance(products.cpu_multiplies_bfloat16_fast.__wrapped__(), bool)
-    assert torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    model, _ = load_llama(folder, dtype=BF16, max_seq_len=64)
+    prompt = model(tokens[:, :40], start_pos=0)
+    steps = [model(tokens[:, pos : pos + 1], start_pos=pos) for pos in range(40, 44)]
+    logits = torch.cat([prompt, *steps], dim=1)
+    relative_error = (logits - reference).norm() / reference.norm()
+    assert relative_error.item() < 0.05
+    assert sum(len(times) for times in products.CPU_CHOOSER.times.values()) >= 3  # several candidates ran

@@ -1,95 +1,193 @@
-"""Matrix products on the CPU: which PyTorch kernel computes x @ W.T, and in which dtype.
+"""Matrix products: which PyTorch kernel computes x @ W.T, chosen by timing the candidates here.
 
-The model's arithmetic is the same everywhere; how fast PyTorch does it on a CPU depends on the chip,
-and the difference is large enough to choose per chip. Two kinds of product set a Llama's speed:
+Every linear layer of the model calls `linear(x, weight)`. PyTorch has several kernels that compute
+that product, and which one is fastest depends on the CPU, its instruction set, the libraries in the
+PyTorch build and the shape, by factors of 2 to 3 between machines of the same generation. So
+nothing here says which kernel to use: on the CPU the first products of each kind are computed by
+the candidates in turn, each timed where it runs (the weights streaming from memory between the
+other layers' products, exactly as they will in every later step), and from then on each kind uses
+the one that was fastest. Other devices use F.linear.
 
-- A decode step multiplies one row (the new token) by every weight matrix, a beam-search step a few
-  rows (one per beam). Each weight is used once per step, and the time goes into streaming the
-  weights from memory, so the best kernel is the one that streams fastest.
-- A prompt multiplies all its rows (tokens) by every matrix. Each weight is used once per row, so
-  the time goes into arithmetic. CPUs with bfloat16 instructions (x86 with AVX512-BF16 or AMX,
-  ARM with BF16) multiply bfloat16 faster than float32. Without them (x86 with AVX2 only, as in most
-  laptops, or AVX-512 without BF16), PyTorch converts every bfloat16 element as it multiplies, and
-  converting a whole matrix to float32 first, then multiplying that, is several times faster.
+A kind of product is (dtype, weight shape, rows rounded up to a power of two). Rows tell apart the
+products that set a Llama's speed:
 
-Measured on a 2-core Xeon with AMX, natively and with the CPU kernels capped at AVX2 (the
-environment variables ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
-MKL_ENABLE_INSTRUCTIONS=AVX2; benchmarks/bench.py --emulate-avx2 sets them), Llama 3.2 1B in
-bfloat16, each pair in one interleaved A/B run:
+- one row: a decode step. Every weight is read once for one token, so the time is the time to
+  stream the weight from memory, and the best kernel is the one that streams fastest;
+- a few rows: a beam-search step, one row per beam. Still one read of the weights, now shared;
+- many rows: a prompt, where each weight is used once per row and arithmetic takes the time.
 
-                              with bfloat16 instructions        without (capped at AVX2)
-    decode step (one row)     torch.mv               105 ms     F.linear               166 ms
-                              (F.linear              133 ms)    (torch.mv              181 ms)
-    beam step (4 rows)        weight @ x.T           118 ms     F.linear               390 ms
-                              (F.linear              140 ms)    (weight @ x.T          650 ms)
-    prompt of 128 tokens      bfloat16 products     0.33 s      float32 products      2.63 s
-                              (float32 products     2.09 s)     (bfloat16 products    7.46 s)
+The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, out):
 
-With bfloat16 instructions, the weight goes on the left. torch.mv hands oneDNN (Intel's kernel
-library inside PyTorch) the product as the weight (out, in) times one column, and torch.mm(weight,
-x.T) as the weight times a few columns: its bfloat16 kernels stream the weight faster in that shape
-than in F.linear's rows times the transposed weight (for 2 to 384 rows; from 512 rows on the two are
-even). Without bfloat16 instructions oneDNN takes no bfloat16 product, and PyTorch's own kernels
-are faster with F.linear's shape. That the weight-first shapes win wherever bfloat16 products are
-fast is measured on this Xeon only; ARM CPUs with bfloat16 follow the same rule untested.
+- "F.linear": PyTorch's usual product, rows times the transposed weight.
+- "torch.mv" (one row) and "weight @ x.T" (several): the weight on the left, (out, in) times
+  columns. Libraries that pack the left operand (oneDNN for bfloat16) stream it differently.
+- "F.linear, oneDNN off" and "torch.mv, oneDNN off" (bfloat16): the same calls with oneDNN, Intel's
+  kernel library inside PyTorch, switched off, so that PyTorch's own bfloat16 kernels run.
+- "float32 copy" (bfloat16, 9 rows or more): convert this one matrix to float32 for the duration of
+  the product, then multiply in float32. It pays where the CPU has no bfloat16 arithmetic and
+  converts every element on the fly in every product; it is never a second resident copy.
+- "row blocks" (matrices of at least 4 x ROW_BLOCK rows, the output layer): the product in blocks
+  of ROW_BLOCK weight rows, each written into its slice of the result, for kernels that slow down
+  on one very large operand.
 
-Which column applies is measured, not guessed from CPU names: `cpu_multiplies_bfloat16_fast` times a
-small bfloat16 product against the same product in float32, once per process (a few milliseconds;
-here bfloat16 won by 5x natively, and float32 by 1.4x to 3.5x when capped at AVX2). It answers
-"does this CPU have bfloat16 arithmetic", not "from how many rows does float32 pay": that is
-MIN_ROWS_FOR_FLOAT32, measured on real 1B matrices. Float32 weights, float16 and GPUs always use
-F.linear (for float32, torch.mv and F.linear stream equally fast here, 31.8 and 32.0 GB/s).
+Rounding: every candidate multiplies the stored numbers exactly and adds in float32; a bfloat16
+result is rounded to bfloat16 once at the end. What differs is the order of the additions (each
+kernel blocks the sum over `in` its own way), which moves a float32 sum by a few units in its last
+place, and can flip the final bfloat16 rounding of a result by one step. "row blocks" computes each
+output element with the same kernel over the same whole row as the unblocked product. So a model
+gives the same logits with any choice up to that rounding; two runs whose timings chose differently
+may differ in the last bits.
 
-Every choice computes the same sums with float32 accumulation; only the order of the additions
-differs. Attention needs no such choice: F.scaled_dot_product_attention (model.py) converts bfloat16
-to float32 block by block itself, and ran as fast as on float32 inputs when capped at AVX2.
+The rule: each candidate that applies to a kind computes TRIALS products of that kind (on different
+layers' weights of the same shape, or on the same one in later steps), and the kind's kernel is
+the candidate with the lowest single time: interference from other processes, or a weight's first
+read from a memory-mapped file, only ever adds time. The trials are the model's own products, so
+choosing costs no extra work, only the difference between the slower candidates and the fastest
+during those first products (for Llama 3.2 1B, the first 15 or so decode steps, and part of the
+first prompt). `chosen_kernel(rows, weight)` names what was chosen; run_inference.py's SHOW_PROFILE shows it
+beside the time each part of a decode step takes.
+
+A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`
+accepts its weights, so that the same trials pick among them.
 """
 
-import functools
+import contextlib
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-# Converting a weight matrix to float32 costs about as much as multiplying 32 rows by it in bfloat16
-# on a CPU without bfloat16 instructions (an 8192 x 2048 matrix capped at AVX2: float32 1.1x faster at
-# 32 rows, 3x faster at 128), so products of fewer rows (decode steps, beams) stay in bfloat16.
-MIN_ROWS_FOR_FLOAT32 = 32
+# "row blocks": weight rows per block. A block of the Llama 3 output layer (128,256 x dim) is 1/8 of it.
+ROW_BLOCK = 16384
+# Products of fewer rows would spend more on converting the weight to float32 than they could save.
+MIN_ROWS_FOR_FLOAT32_COPY = 9
+TRIALS = 3  # timed products per candidate and kind
 
 
-def _best_time(product, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        product()
-        times.append(time.perf_counter() - started)
-    return min(times)  # interference from other processes only ever adds time
+@dataclass(frozen=True)
+class Kernel:
+    """One way to compute x @ weight.T.   compute: x (rows, in), weight (out, in) -> (rows, out)"""
+
+    name: str
+    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    applies: Callable[[int, torch.Tensor], bool] = lambda rows, weight: True  # (rows, weight) -> usable?
 
 
-@functools.cache
-def cpu_multiplies_bfloat16_fast() -> bool:
-    """True if this CPU multiplies bfloat16 faster than it converts to float32 and multiplies that,
-    i.e. has bfloat16 arithmetic. Measured on first use, then remembered for the process."""
-    x = torch.full((MIN_ROWS_FOR_FLOAT32, 1024), 0.5, dtype=torch.bfloat16, device="cpu")  # (rows, in)
-    weight = torch.full((1024, 1024), 0.25, dtype=torch.bfloat16, device="cpu")  # (out, in)
-    in_bfloat16 = _best_time(lambda: F.linear(x, weight))
-    in_float32 = _best_time(lambda: F.linear(x.float(), weight.float()))
-    return in_bfloat16 < in_float32
+@contextlib.contextmanager
+def onednn_off():
+    # torch.backends.mkldnn.flags(enabled=False) does the same but also resets the TF32 setting,
+    # which prints a warning on every CPU build; this switches the one flag.
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def _f_linear(x, weight):
+    return F.linear(x, weight)
+
+
+def _matrix_vector(x, weight):  # x: (1, in)
+    return torch.mv(weight, x[0])[None]  # (out,) -> (1, out)
+
+
+def _weight_first(x, weight):
+    return torch.mm(weight, x.T).T.contiguous()  # (out, in) @ (in, rows) = (out, rows) -> (rows, out)
+
+
+def _without_onednn(product):
+    def compute(x, weight):
+        with onednn_off():
+            return product(x, weight)
+
+    return compute
+
+
+def _float32_copy(x, weight):
+    # .float() of one matrix, freed when the product returns: never a second resident copy.
+    return F.linear(x.float(), weight.float()).to(x.dtype)
+
+
+def _row_blocks(x, weight):
+    out = x.new_empty(x.shape[0], weight.shape[0])  # (rows, out)
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        block = weight[start : start + ROW_BLOCK]  # (ROW_BLOCK, in), a view
+        torch.mm(x, block.T, out=out[:, start : start + ROW_BLOCK])
+    return out
+
+
+def _is_bfloat16(rows, weight):
+    return weight.dtype == torch.bfloat16
+
+
+CPU_KERNELS = (
+    Kernel("F.linear", _f_linear),
+    Kernel("torch.mv", _matrix_vector, lambda rows, weight: rows == 1),
+    Kernel("weight @ x.T", _weight_first, lambda rows, weight: rows > 1),
+    Kernel("F.linear, oneDNN off", _without_onednn(_f_linear), _is_bfloat16),
+    Kernel("torch.mv, oneDNN off", _without_onednn(_matrix_vector),
+           lambda rows, weight: rows == 1 and _is_bfloat16(rows, weight)),
+    Kernel("float32 copy", _float32_copy,
+           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _is_bfloat16(rows, weight)),
+    Kernel("row blocks", _row_blocks, lambda rows, weight: weight.shape[0] >= 4 * ROW_BLOCK),
+)
+
+
+def product_kind(rows: int, weight: torch.Tensor) -> tuple:
+    """What a choice is made for: (dtype, weight shape, rows rounded up to a power of two)."""
+    return (weight.dtype, tuple(weight.shape), 1 << (rows - 1).bit_length())
+
+
+@dataclass
+class KernelChooser:
+    """Computes each product with a kernel, trying every candidate TRIALS times per kind first.
+
+    `clock` is replaceable so that tests can decide which candidate is fastest.
+    """
+
+    kernels: tuple
+    trials: int = TRIALS
+    clock: Callable[[], float] = time.perf_counter
+    chosen: dict = field(default_factory=dict)  # kind -> Kernel
+    times: dict = field(default_factory=dict)  # kind -> {kernel name: [seconds of each trial]}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (rows, in) -> (rows, out)
+        kind = product_kind(x.shape[0], weight)
+        kernel = self.chosen.get(kind)
+        if kernel is not None:
+            return kernel.compute(x, weight)
+        return self._trial(kind, x, weight)
+
+    def _trial(self, kind: tuple, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        candidates = [kernel for kernel in self.kernels if kernel.applies(x.shape[0], weight)]
+        times = self.times.setdefault(kind, {kernel.name: [] for kernel in candidates})
+        kernel = min(candidates, key=lambda candidate: len(times[candidate.name]))  # the least tried
+        started = self.clock()
+        y = kernel.compute(x, weight)
+        times[kernel.name].append(self.clock() - started)
+        if all(len(seconds) >= self.trials for seconds in times.values()):
+            self.chosen[kind] = min(candidates, key=lambda candidate: min(times[candidate.name]))
+        return y
+
+
+CPU_CHOOSER = KernelChooser(CPU_KERNELS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, the product of every linear layer, with the kernel and dtype chosen as the table
-    at the top of this file says.   x: (..., in), weight: (out, in) -> (..., out)"""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        fast_bfloat16 = cpu_multiplies_bfloat16_fast()
-        if rows == 1 and fast_bfloat16:  # a decode step
-            return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-        if fast_bfloat16:  # beams and prompts: (out, in) @ (in, rows), the weight on the left
-            y_columns = torch.mm(weight, x.reshape(rows, -1).T)  # (out, rows)
-            return y_columns.T.contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., out)
-        if rows >= MIN_ROWS_FOR_FLOAT32:  # a prompt
-            # .float() makes a float32 copy of this one matrix, freed right after the product:
-            # never a second resident copy of the weights.
-            return F.linear(x.float(), weight.float()).type_as(x)
-    return F.linear(x, weight)
+    """x @ weight.T, the product of every linear layer.   x: (..., in), weight: (out, in) -> (..., out)"""
+    if x.device.type != "cpu":
+        return F.linear(x, weight)
+    y = CPU_CHOOSER(x.reshape(-1, x.shape[-1]), weight)  # (rows, out)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def chosen_kernel(rows: int, weight: torch.Tensor) -> str:
+    """The name of the kernel this product uses, "F.linear" off the CPU, or "(still timing)"."""
+    if weight.device.type != "cpu":
+        return "F.linear"
+    kernel = CPU_CHOOSER.chosen.get(product_kind(rows, weight))
+    return kernel.name if kernel else "(still timing)"
