@@ -8,9 +8,9 @@ same stages as minimal_run_inference.py, with the explanations that one leaves o
 
     1. Settings                      6. Load the weights
     2. Start torch.distributed       7. Decode: greedy, beam search, sampling (prefill + KV cache)
-    3. Read params.json              7b. Looking inside: alternatives, logit lens, memory, attention
-    4. Tokenize the prompt           8. Report, and main()
-    5. Build the Transformer
+    3. Read params.json              7b. Looking inside: alternatives, logit lens, memory, attention,
+    4. Tokenize the prompt               where a decode step's time goes
+    5. Build the Transformer         8. Report, and main()
 """
 
 import base64
@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer
+from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, products
+from llama_models.llama3.bandwidth import memory_read_bandwidth, synchronize
 from llama_models.llama3.checkpoint import (
     build_model,
     end_model_parallel,
@@ -69,6 +70,7 @@ SHOW_ALTERNATIVES = 0  # greedy/sample: per generated token the N likeliest cand
 SHOW_LOGIT_LENS = False  # the model's best guess for the next token after each layer
 SHOW_MEMORY = False  # bytes of the weights by part, of the KV cache and what sizes it, and peak memory
 ATTENTION_PNG = None  # e.g. "attention.png": the last layer's attention over the prompt (needs matplotlib)
+SHOW_PROFILE = False  # where a decode step's time goes: each part's ms, bytes read, GB/s, and its kernels
 
 
 # ================================================================================================
@@ -530,6 +532,138 @@ def print_memory_report(report: dict, device: torch.device) -> None:
         print(f"  {label:<14} {peak / mib:>10.1f} MiB\n")
 
 
+# The profile: where a decode step's time goes. A decode step reads every weight once to compute one
+# token, so it cannot be faster than the memory can deliver the bytes: the part that reads the most
+# (the feed-forward weights, then the output layer, then the attention projections) should take the
+# most time, each at close to the memory's speed. A part far below that speed is held up by its
+# kernel, not by memory. The attention itself reads the KV cache, which grows by one position per
+# token: with a long text it becomes a large part of every step (on Apple's MPS the scripts this
+# project grew from slowed down as the text grew, because they recomputed it all at every step).
+#
+# Forward hooks time every module of each part, on decode steps only (one new token per sequence).
+# The parts do not overlap; "rest" is the step's time left over: the residual additions, scores to
+# float32, choosing the next token and Python between the modules.
+
+PROFILE_PARTS = ("embedding", "norms", "attention projections", "attention", "feed-forward", "output layer")
+
+
+def profile_part(name: str) -> str:
+    """The part of a decode step a module belongs to, from its name ("layers.3.attention.wq")."""
+    if name == "tok_embeddings":
+        return "embedding"
+    if name == "output":
+        return "output layer"
+    if name.endswith("norm"):
+        return "norms"
+    if name.split(".")[-1] in ("wq", "wk", "wv", "wo"):
+        return "attention projections"
+    return "attention" if name.endswith(".attention") else "feed-forward"
+
+
+class StepProfile:
+    """While active, hooks add up the time and the bytes read of each part of every decode step.
+
+    A module's time runs from its forward pre-hook to its forward hook. The attention module holds
+    the four projections, so their time is taken out of its own: "attention" is RoPE, the cache
+    write and scaled_dot_product_attention. A step runs from one embedding call (the start of a
+    forward pass) to the next, like the benchmark's clock, so the last step, which has no next
+    start, is left out.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.output.weight.device
+        self.steps = []  # one (seconds, {part: seconds}, {part: bytes}) per complete decode step
+        self.step_start, self.batch = None, 1
+        self.seconds, self.bytes_read = {}, {}  # of the step under way
+        self.started = {}  # module -> perf_counter() at its pre-hook
+        self.handles = []
+        for name, module in model.named_modules():
+            if name in ("tok_embeddings", "output") or name.endswith(("norm", ".attention", ".feed_forward",
+                                                                       ".wq", ".wk", ".wv", ".wo")):
+                self._watch(module, profile_part(name))
+
+    def _watch(self, module, part: str):
+        def before(module, inputs):
+            if module is self.model.tok_embeddings:  # a forward pass starts
+                self._start_pass(tokens=inputs[0])
+            if self.step_start is not None:
+                self.bytes_read[part] = self.bytes_read.get(part, 0) + self._bytes_read(module, inputs)
+                synchronize(self.device)  # on a GPU: time this module's kernels, not the ones before
+                self.started[module] = time.perf_counter()
+
+        def after(module, inputs, output):
+            if self.step_start is not None:
+                synchronize(self.device)
+                seconds = time.perf_counter() - self.started.pop(module)
+                self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+                if part == "attention projections":  # they ran inside the attention module's time
+                    self.seconds["attention"] = self.seconds.get("attention", 0.0) - seconds
+
+        self.handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def _start_pass(self, tokens: torch.Tensor):  # tokens: (batch, seq)
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self.step_start is not None:  # the previous decode step is complete
+            self.steps.append((now - self.step_start, self.seconds, self.bytes_read))
+        decoding = tokens.shape[1] == 1  # one new token per sequence; a prefill is not profiled
+        self.step_start, self.batch = (now if decoding else None), tokens.shape[0]
+        self.seconds, self.bytes_read = {}, {}
+
+    def _bytes_read(self, module, inputs) -> int:
+        """What the module reads from memory: its weights, and for attention the cached keys and values."""
+        if module is self.model.tok_embeddings:  # one row of the table per sequence
+            return self.batch * module.weight.shape[1] * module.weight.element_size()
+        if hasattr(module, "cache_k"):  # inputs = (x, start_pos, cos, sin, mask)
+            kv_len = inputs[1] + 1
+            return 2 * module.cache_k[: self.batch, :, :kv_len].numel() * module.cache_k.element_size()
+        return sum(weight.nbytes for weight in module.parameters())
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def summary(self) -> dict:
+        """{part: (seconds, bytes read)} per step, averaged over the complete steps, with "rest" (the
+        step's time outside every part) and "step" (the whole)."""
+        if not self.steps:
+            return {}
+        n = len(self.steps)
+        rows = {part: (sum(seconds.get(part, 0.0) for _, seconds, _ in self.steps) / n,
+                       sum(sizes.get(part, 0) for _, _, sizes in self.steps) / n) for part in PROFILE_PARTS}
+        step_seconds = sum(seconds for seconds, _, _ in self.steps) / n
+        rows["rest"] = (step_seconds - sum(seconds for seconds, _ in rows.values()), 0)
+        rows["step"] = (step_seconds, sum(size for _, size in rows.values()))
+        return rows
+
+
+def part_kernels(model, part: str, rows: int) -> str:
+    """The product kernels a part uses (products.py chose them by timing), e.g. "F.linear (wq, wo)"."""
+    users = {}  # kernel name -> the weight names that use it
+    for name, module in model.named_modules():
+        if profile_part(name) == part and hasattr(module, "in_features"):  # the linear layers
+            users.setdefault(products.chosen_kernel(rows, module.weight), []).append(name.split(".")[-1])
+    return "; ".join(f"{kernel} ({', '.join(dict.fromkeys(names))})" for kernel, names in users.items())
+
+
+def print_profile(model, profile: StepProfile, bandwidth: float) -> None:
+    rows = profile.summary()
+    if not rows:
+        print("profile: no complete decode step to show (generate at least 3 tokens)\n")
+        return
+    steps = len(profile.steps)
+    print(f"where a decode step's time goes ({steps} steps of batch {profile.batch}; this machine's memory "
+          f"reads {bandwidth / 1e9:.1f} GB/s):")
+    print(f"  {'part':<22} {'ms/step':>8} {'MiB read':>9} {'GB/s':>6} {'of memory':>9}  kernels")
+    for part, (seconds, size) in rows.items():
+        speed = size / seconds if size >= 2**20 and seconds > 0 else None  # below a MiB it says nothing
+        speed_text = f"{speed / 1e9:>6.1f} {speed / bandwidth:>9.0%}" if speed else f"{'':>6} {'':>9}"
+        print(f"  {part:<22} {seconds * 1e3:>8.2f} {size / 2**20:>9.1f} {speed_text}  "
+              f"{part_kernels(model, part, profile.batch)}")
+    print()
+
+
 # Attention over the prompt: how much each prompt position looks at every earlier one, in the last
 # layer, averaged over heads. The model does not keep these weights, so a hook grabs the last
 # attention layer's input during the prefill and this helper recomputes them the model's way.
@@ -703,9 +837,13 @@ def run() -> None:
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
     look_inside(model, tokenizer, prompt, is_main)  # 7b. looking inside, before decoding
 
+    profile = StepProfile(model) if SHOW_PROFILE and is_main else None
     generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 8. report
     if SHOW_MEMORY and is_main:  # after decoding: memory-mapped weights are read in on first use
         print_memory_report(memory_report(model), device)
+    if profile:
+        profile.close()
+        print_profile(model, profile, memory_read_bandwidth(device=device))
     end_model_parallel()  # close torch.distributed: a process that exits with it open may abort
 
 

@@ -128,3 +128,56 @@ def matplotlib_installed() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_checkpoint):
+    """Bytes by their formulas (every weight once per step, the KV cache up to each step's position);
+    times: no part negative, and the timed parts leave a non-negative rest of the step. The stated
+    margin: on this tiny model the timed parts cover at least a third of the step (the rest is
+    Python between modules and choosing the token, a larger share than in a real model)."""
+    folder = tiny_checkpoint("gqa3")
+    model, _ = load_llama(folder, dtype=torch.float32, max_seq_len=64)
+    profile = run_inference.StepProfile(model)
+    try:
+        tokens = list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=12))
+    finally:
+        profile.close()
+    assert len(tokens) == 12 and len(profile.steps) == 10  # 11 decode steps, the last one incomplete
+    rows = profile.summary()
+
+    def weight_bytes(*suffixes):
+        return sum(weight.nbytes for name, weight in model.named_parameters() if name.endswith(suffixes))
+
+    assert rows["attention projections"][1] == weight_bytes(*(f"{w}.weight" for w in ("wq", "wk", "wv", "wo")))
+    assert rows["feed-forward"][1] == weight_bytes(*(f"{w}.weight" for w in ("w1", "w2", "w3")))
+    assert rows["output layer"][1] == model.output.weight.nbytes
+    args = model.args
+    # Complete steps at positions len(PROMPT) .. len(PROMPT) + 9 read kv_len = position + 1 entries.
+    mean_kv_len = len(PROMPT) + 1 + 4.5
+    cache_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4 * mean_kv_len
+    assert rows["attention"][1] == pytest.approx(cache_bytes)
+    assert model.output._forward_hooks == {} and model.tok_embeddings._forward_pre_hooks == {}
+
+    step_seconds = rows["step"][0]
+    timed = sum(seconds for part, (seconds, _) in rows.items() if part in run_inference.PROFILE_PARTS)
+    assert all(rows[part][0] >= 0 for part in run_inference.PROFILE_PARTS)
+    assert 0 <= rows["rest"][0] and timed <= step_seconds
+    assert timed >= step_seconds / 3
+
+
+def test_script_shows_the_profile_with_the_kernels_chosen(tiny_checkpoint):
+    settings = "import run_inference as r; r.MAX_NEW_TOKENS = 24; r.SHOW_PROFILE = True; r.main()"
+    environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(tiny_checkpoint("gqa4")), "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run([sys.executable, "-c", settings], capture_output=True, text=True, timeout=120,
+                              env=environment, cwd=REPO_ROOT)
+    assert finished.returncode == 0, finished.stderr
+    assert "where a decode step's time goes" in finished.stdout
+    table = finished.stdout.split("where a decode step's time goes")[1]
+    for part in run_inference.PROFILE_PARTS + ("rest", "step"):
+        assert f"\n  {part} " in table
+    # 23 decode steps are enough trials for every one-row kind: each product names the kernel chosen.
+    feed_forward = next(line for line in table.splitlines() if line.startswith("  feed-forward"))
+    kernels = feed_forward.split("%", 1)[1].strip()  # e.g. "F.linear (w1, w3); torch.mv (w2)"
+    names = {kernel.name for kernel in run_inference.products.CPU_KERNELS}
+    assert all(used.split(" (")[0] in names for used in kernels.split("; ")), kernels
+    assert all(weight in kernels for weight in ("w1", "w2", "w3"))

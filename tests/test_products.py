@@ -71,15 +71,16 @@ class FakeClock:
 
 def test_chooser_tries_each_candidate_then_keeps_the_fastest():
     clock, calls = FakeClock(), []
-    kernels = (clock.kernel("slow", 3.0, calls), clock.kernel("fast", 1.0, calls), clock.kernel("middle", 2.0, calls))
+    kernels = (clock.kernel("slow", 1.8, calls), clock.kernel("fast", 1.0, calls), clock.kernel("middle", 1.4, calls))
     chooser = products.KernelChooser(kernels, trials=2, clock=clock)
     x, weight = torch.ones(1, 8), torch.ones(4, 8)
     for _ in range(10):
         assert torch.equal(chooser(x, weight), F.linear(x, weight))
     assert calls[:6] == ["slow", "fast", "middle"] * 2  # the least tried candidate goes next
     assert calls[6:] == ["fast"] * 4
-    assert chooser.times[products.product_kind(1, weight)] == {"slow": [3.0, 3.0], "fast": [1.0, 1.0],
-                                                               "middle": [2.0, 2.0]}
+    times = chooser.times[products.product_kind(1, weight)]
+    assert {name: pytest.approx(seconds) for name, seconds in times.items()} == {
+        "slow": [1.8, 1.8], "fast": [1.0, 1.0], "middle": [1.4, 1.4]}
 
 
 def test_chooser_judges_a_candidate_by_its_fastest_trial():
@@ -144,3 +145,15 @@ def test_bfloat16_model_stays_close_to_float32_whatever_is_chosen(tiny_checkpoin
     relative_error = (logits - reference).norm() / reference.norm()
     assert relative_error.item() < 0.05
     assert sum(len(times) for times in products.CPU_CHOOSER.times.values()) >= 3  # several candidates ran
+
+
+def test_chooser_stops_trying_a_candidate_far_slower_than_the_fastest():
+    clock, calls = FakeClock(), []
+    kernels = (clock.kernel("fast", 1.0, calls), clock.kernel("far slower", 10.0, calls),
+               clock.kernel("a bit slower", 1.5, calls))
+    chooser = products.KernelChooser(kernels, trials=3, clock=clock)
+    weight = torch.ones(4, 8)
+    for _ in range(10):
+        chooser(torch.ones(1, 8), weight)
+    assert calls.count("far slower") == 2 and calls.count("a bit slower") == 3  # two trials, not three
+    assert calls[8:] == ["fast"] * 2

@@ -41,7 +41,9 @@ may differ in the last bits.
 The rule: each candidate that applies to a kind computes TRIALS products of that kind (on different
 layers' weights of the same shape, or on the same one in later steps), and the kind's kernel is
 the candidate with the lowest single time: interference from other processes, or a weight's first
-read from a memory-mapped file, only ever adds time. The trials are the model's own products, so
+read from a memory-mapped file, only ever adds time. A candidate whose best of two times is more
+than DROP_FACTOR times the fastest seen stops early: where bfloat16 products are slow, a prompt's
+bfloat16 candidates take several times longer than the float32 copy, and two trials show it. The trials are the model's own products, so
 choosing costs no extra work, only the difference between the slower candidates and the fastest
 during those first products (for Llama 3.2 1B, the first 15 or so decode steps, and part of the
 first prompt). `chosen_kernel(rows, weight)` names what was chosen; run_inference.py's SHOW_PROFILE shows it
@@ -64,6 +66,7 @@ ROW_BLOCK = 16384
 # Products of fewer rows would spend more on converting the weight to float32 than they could save.
 MIN_ROWS_FOR_FLOAT32_COPY = 9
 TRIALS = 3  # timed products per candidate and kind
+DROP_FACTOR = 2  # a candidate this many times slower than the fastest trial so far is tried no more
 
 
 @dataclass(frozen=True)
@@ -165,13 +168,21 @@ class KernelChooser:
     def _trial(self, kind: tuple, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         candidates = [kernel for kernel in self.kernels if kernel.applies(x.shape[0], weight)]
         times = self.times.setdefault(kind, {kernel.name: [] for kernel in candidates})
-        kernel = min(candidates, key=lambda candidate: len(times[candidate.name]))  # the least tried
+        trying = [kernel for kernel in candidates if not self._tried_enough(times, kernel.name)]
+        kernel = min(trying, key=lambda candidate: len(times[candidate.name]))  # the least tried
         started = self.clock()
         y = kernel.compute(x, weight)
         times[kernel.name].append(self.clock() - started)
-        if all(len(seconds) >= self.trials for seconds in times.values()):
+        if all(self._tried_enough(times, candidate.name) for candidate in candidates):
             self.chosen[kind] = min(candidates, key=lambda candidate: min(times[candidate.name]))
         return y
+
+    def _tried_enough(self, times: dict, name: str) -> bool:
+        """TRIALS products, or two so slow against the fastest seen that more would only waste time.
+        (Two: one slow product may be a weight's first read from its file, not the kernel.)"""
+        fastest = min(seconds for trials in times.values() for seconds in trials) if any(times.values()) else 0
+        tried = times[name]
+        return len(tried) >= self.trials or (len(tried) >= 2 and min(tried) > DROP_FACTOR * fastest)
 
 
 CPU_CHOOSER = KernelChooser(CPU_KERNELS)
