@@ -38,13 +38,15 @@ def main():
 
     # 4. Tokenize the prompt
     tokenizer = Tokenizer(folder / "tokenizer.model")
-    if not INPUT_STRING.strip():
-        raise LlamaError("INPUT_STRING is empty: write a prompt")
+    if not isinstance(INPUT_STRING, str) or not INPUT_STRING.strip():
+        raise LlamaError(f"INPUT_STRING = {INPUT_STRING!r}: write a prompt in quotes")
     if "instruct" in folder.name.lower():
         prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": INPUT_STRING}])
     else:
         prompt = tokenizer.encode(INPUT_STRING, bos=True, eos=False)
 
+    if isinstance(MAX_NEW_TOKENS, bool) or not isinstance(MAX_NEW_TOKENS, int) or MAX_NEW_TOKENS < 1:
+        raise LlamaError(f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS!r}: write a whole number of at least 1")
     context = 131072 if params.use_scaled_rope else 8192  # trained context: 128k for Llama 3.1+, 8k before
     if len(prompt) + MAX_NEW_TOKENS > context:
         raise LlamaError(f"the prompt ({len(prompt)} tokens) leaves no room to answer in {context}: shorten it")
@@ -86,4 +88,5 @@ if __name__ == "__main__":
     except LlamaError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted")
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -73,6 +73,42 @@ ATTENTION_PNG = None  # e.g. "attention.png": the last layer's attention over th
 SHOW_PROFILE = False  # where a decode step's time goes: each part's ms, bytes read, GB/s, and its kernels
 
 
+# Each setting's kind, checked before anything runs, so that a typo ends in one line naming it
+# (MAX_NEW_TOKENS = "10" would otherwise fail deep inside, and IS_INSTRUCT = "no" would count as yes).
+WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": 1, "BEAM_WIDTH": 1, "SHOW_ALTERNATIVES": 0, "SEED": None}  # minimums
+NUMBER_SETTINGS = {"LENGTH_PENALTY": (None, None), "TEMPERATURE": (0, None), "TOP_P": (0, 1)}  # ranges
+SWITCH_SETTINGS = ("SHOW_TOKENS", "SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "SHOW_MEMORY", "SHOW_PROFILE")
+TEXT_SETTINGS = {"MODEL_NAME": False, "LLAMA_MODELS_DIR": False, "INPUT_STRING": False, "SYSTEM_PROMPT": True,
+                 "ATTENTION_PNG": True}  # may it be None?
+
+
+def check_settings() -> None:
+    settings = globals()
+    for name, minimum in WHOLE_NUMBER_SETTINGS.items():
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            hint = " (0 turns it off)" if name == "SHOW_ALTERNATIVES" else ""
+            raise LlamaError(f"{name} = {value!r}: write a whole number, e.g. {name} = 5{hint}")
+        if minimum is not None and value < minimum:
+            raise LlamaError(f"{name} = {value}: it must be at least {minimum}")
+    for name, (low, high) in NUMBER_SETTINGS.items():
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise LlamaError(f"{name} = {value!r}: write a number, e.g. {name} = 0.9")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise LlamaError(f"{name} = {value}: it must be {bounds}")
+    for name in SWITCH_SETTINGS + ("IS_INSTRUCT",):
+        value = settings[name]
+        if not isinstance(value, bool) and not (name == "IS_INSTRUCT" and value is None):
+            raise LlamaError(f"{name} = {value!r}: write True or False" + (" (or None)" if name == "IS_INSTRUCT" else ""))
+    for name, may_be_none in TEXT_SETTINGS.items():
+        value = settings[name]
+        if not isinstance(value, str) and not (may_be_none and value is None):
+            raise LlamaError(f"{name} = {value!r}: write text in quotes" + (" (or None)" if may_be_none else ""))
+    if DECODING not in ("greedy", "beam", "sample"):
+        raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
+
 # ================================================================================================
 # 2. Start torch.distributed and fairscale
 # ================================================================================================
@@ -805,14 +841,8 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
 
 
 def run() -> None:
-    if DECODING not in ("greedy", "beam", "sample"):
-        raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
-    if MAX_NEW_TOKENS < 1 or BEAM_WIDTH < 1:
-        raise LlamaError(f"MAX_NEW_TOKENS ({MAX_NEW_TOKENS}) and BEAM_WIDTH ({BEAM_WIDTH}) must be at least 1")
-    if not (0 <= TOP_P <= 1 and TEMPERATURE >= 0 and SHOW_ALTERNATIVES >= 0):
-        raise LlamaError(f"TOP_P ({TOP_P}) must be in [0, 1]; TEMPERATURE ({TEMPERATURE}) and "
-                         f"SHOW_ALTERNATIVES ({SHOW_ALTERNATIVES}) at least 0")
-    device = resolve_device(DEVICE)  # 1. settings
+    check_settings()  # 1. settings
+    device = resolve_device(DEVICE)
     dtype = resolve_dtype(DTYPE, device)
     folder = checkpoint_folder()
     files = find_checkpoint_files(folder)
@@ -847,14 +877,21 @@ def run() -> None:
     end_model_parallel()  # close torch.distributed: a process that exits with it open may abort
 
 
-def main() -> None:
+def main(arguments=()) -> None:
+    """Run with the settings at the top; any error the user can fix ends in one line and exit code 1,
+    an interrupt (Ctrl-C) in exit code 130, as shells report a process ended by SIGINT."""
     try:
+        if arguments:
+            raise LlamaError(f"{Path(__file__).name} takes no command-line arguments (got {' '.join(arguments)}): "
+                             "edit the settings at the top of the file, or name a checkpoint folder with "
+                             "LLAMA_CHECKPOINT_DIR=...")
         run()
     except LlamaError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted")
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -3,6 +3,7 @@
 import json
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,7 +192,36 @@ def test_unknown_params_fields_are_ignored():
 @pytest.mark.parametrize("params", [{"dim": 64, "n_heads": 5}, {"dim": 64, "n_heads": 4, "n_kv_heads": 3}])
 def test_inconsistent_head_counts(params):
     with pytest.raises(LlamaError, match="not divisible"):
+        ModelArgs.from_params(params | {"n_layers": 2})
+
+
+GOOD_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
+               "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dim", "128"), ("dim", 128.0), ("dim", True), ("n_heads", 0), ("n_layers", -1), ("n_kv_heads", "2"),
+    ("vocab_size", [512]), ("norm_eps", "1e-5"), ("rope_theta", 0), ("ffn_dim_multiplier", "1.5"),
+    ("use_scaled_rope", "false"), ("use_scaled_rope", 1),
+])
+def test_params_of_the_wrong_kind_are_refused_by_name(field, value):
+    """A hand-edited params.json: one line naming the field and its value, never a traceback or a
+    silent misreading ("false" in quotes is a true value in Python)."""
+    with pytest.raises(LlamaError, match=f"^{field} is {re.escape(repr(value))} in params.json"):
+        ModelArgs.from_params(GOOD_PARAMS | {field: value})
+
+
+@pytest.mark.parametrize("field", ["dim", "n_layers", "n_heads"])
+def test_params_without_a_size_are_refused(field):
+    """Not filled in with 8B's sizes, which would blame the weights for not matching."""
+    params = {name: value for name, value in GOOD_PARAMS.items() if name != field}
+    with pytest.raises(LlamaError, match=f"params.json has no {field}"):
         ModelArgs.from_params(params)
+
+
+def test_good_params_are_read_as_written():
+    args = ModelArgs.from_params(GOOD_PARAMS)
+    assert (args.dim, args.n_layers, args.use_scaled_rope, args.ffn_dim_multiplier) == (64, 2, True, 1.5)
 
 
 # --- memory ---------------------------------------------------------------------------------------

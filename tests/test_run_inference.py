@@ -434,6 +434,8 @@ ERROR_CASES = {
     # per byte, plus <|begin_of_text|>.
     "prompt longer than the context": ("r.INPUT_STRING = 'a ' * 5000", f"{len(('a ' * 5000).encode()) + 1} tokens"),
     "invalid decoding": ("r.DECODING = 'nucleus'", "nucleus"),
+    "text for a number": ("r.MAX_NEW_TOKENS = '10'", "MAX_NEW_TOKENS = '10'"),
+    "a word for a switch": ("r.IS_INSTRUCT = 'no'", "IS_INSTRUCT = 'no'"),
 }
 
 
@@ -452,6 +454,54 @@ def test_bad_settings_end_with_a_one_line_error(tiny_checkpoint, tmp_path, case)
     assert culprit in lines[0]
     assert folder_snapshot(folder) == before
     assert not checkpoint.exists() or checkpoint == folder  # nothing was created either
+
+
+SETTINGS_OF_THE_WRONG_KIND = [
+    ("MAX_NEW_TOKENS", "10"), ("MAX_NEW_TOKENS", 2.5), ("MAX_NEW_TOKENS", 0), ("BEAM_WIDTH", True),
+    ("SEED", "abc"), ("SHOW_ALTERNATIVES", True), ("SHOW_ALTERNATIVES", -1), ("TEMPERATURE", "0.6"),
+    ("TEMPERATURE", -1), ("TOP_P", 1.5), ("TOP_P", float("nan")), ("LENGTH_PENALTY", None),
+    ("INPUT_STRING", None), ("SYSTEM_PROMPT", 3), ("MODEL_NAME", None), ("IS_INSTRUCT", "no"),
+    ("SHOW_MEMORY", "yes"), ("SHOW_PROFILE", 1), ("ATTENTION_PNG", True), ("DECODING", None),
+]
+
+
+@pytest.mark.parametrize("name, value", SETTINGS_OF_THE_WRONG_KIND, ids=lambda v: repr(v))
+def test_each_setting_of_the_wrong_kind_is_named(monkeypatch, name, value):
+    monkeypatch.setattr(run_inference, name, value)
+    with pytest.raises(run_inference.LlamaError, match=f"^{name} = "):
+        run_inference.check_settings()
+
+
+def test_the_default_settings_pass_their_check():
+    run_inference.check_settings()  # raises if a default were of the wrong kind
+
+
+def test_command_line_arguments_point_to_the_settings():
+    finished = run_python(["run_inference.py", "--help"])
+    assert finished.returncode == 1
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no command-line arguments (got --help)" in lines[0]
+    assert "settings at the top of the file" in lines[0] and "LLAMA_CHECKPOINT_DIR" in lines[0]
+
+
+@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
+def test_an_interrupt_exits_with_code_130(tiny_checkpoint, script):
+    """Ctrl-C raises KeyboardInterrupt wherever the script is: here where it picks the device. The
+    script runs as a user runs it (as __main__) and ends without a traceback."""
+    code = ("import runpy\nimport llama_models.llama3.checkpoint as checkpoint\n"
+            "def interrupted(*args):\n    raise KeyboardInterrupt\n"
+            f"checkpoint.resolve_device = interrupted\nrunpy.run_path({script!r}, run_name='__main__')")
+    finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
+    assert finished.returncode == 130, finished.stderr
+    assert finished.stderr.strip() == "interrupted"
+
+
+def test_minimal_script_refuses_no_new_tokens(tiny_checkpoint):
+    code = ("import sys, minimal_run_inference as m\nm.MAX_NEW_TOKENS = 0\n"
+            "try:\n    m.main()\nexcept m.LlamaError as error:\n    sys.exit(f'error: {error}')")
+    finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
+    assert finished.returncode == 1 and finished.stderr.strip() == (
+        "error: MAX_NEW_TOKENS = 0: write a whole number of at least 1")
 
 
 def test_importing_the_scripts_runs_nothing():

@@ -48,11 +48,32 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        self._check_kinds()
         self._check_shapes()
         self.head_dim = self.dim // self.n_heads
         self.ffn_hidden_dim = feed_forward_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         if self.rope_scale_factor is None:
             self.rope_scale_factor = default_rope_scale_factor(self.dim, self.n_layers)
+
+    def _check_kinds(self):
+        """Every size a positive whole number, every constant a positive number, the switch a boolean:
+        a hand-edited params.json may say "128" or 128.0 or "false", which would fail later, or pass."""
+        for name in WHOLE_NUMBER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlamaError(f"{name} is {value!r} in params.json: it must be a whole number of at least 1, "
+                                 "as in Meta's file; download params.json again or correct it")
+        for name in NUMBER_FIELDS:
+            value = getattr(self, name)
+            optional = name in ("ffn_dim_multiplier", "rope_scale_factor")
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise LlamaError(f"{name} is {value!r} in params.json: it must be a positive number, as in Meta's "
+                                 "file; download params.json again or correct it")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise LlamaError(f"use_scaled_rope is {self.use_scaled_rope!r} in params.json: it must be true or "
+                             "false without quotes; download params.json again or correct it")
 
     def _check_shapes(self):
         if self.dim % self.n_heads != 0:
@@ -74,6 +95,10 @@ class ModelArgs:
         """
         params = params.get("model", params)  # a few files nest the arguments under "model"
         _refuse_unsupported(params)
+        missing = [name for name in REQUIRED_FIELDS if name not in params]
+        if missing:
+            raise LlamaError(f"params.json has no {', '.join(missing)}: every Llama checkpoint's file names them; "
+                             "download params.json again")
         known = {f.name for f in fields(cls) if f.init}
         return cls(**{key: value for key, value in params.items() if key in known}, **runtime)
 
@@ -94,6 +119,14 @@ class ModelArgs:
     def n_rep(self) -> int:
         """How many query heads share one key/value head (4 for 8B and 1B, 8 for 70B)."""
         return self.n_heads // self.n_kv_heads
+
+
+# The sizes every params.json of Meta's gives; without them the defaults above (8B's) would be
+# taken, and the weights blamed for not matching.
+REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
+WHOLE_NUMBER_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                       "max_batch_size")
+NUMBER_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scale_factor")
 
 
 def feed_forward_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:

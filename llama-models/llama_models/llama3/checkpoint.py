@@ -47,6 +47,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def resolve_device(name: Union[str, torch.device]) -> torch.device:
     """"auto" -> cuda, else mps, else cpu. Any other name must be available here."""
+    if not isinstance(name, (str, torch.device)):  # torch.device(1) would mean cuda:1
+        raise LlamaError(f"unknown device {name!r}: use one of {', '.join(DEVICE_NAMES)} in quotes (or 'cuda:N')")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -75,11 +77,11 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     """
     if dtype is None:
         return torch.bfloat16 if _supports_bfloat16(device) else torch.float16
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise LlamaError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise LlamaError(f"unknown dtype {dtype!r}: use None or one of {', '.join(repr(name) for name in DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _supports_bfloat16(device: torch.device) -> bool:
