@@ -8,14 +8,16 @@ same stages as minimal_run_inference.py, with the explanations that one leaves o
 
     1. Settings                      6. Load the weights
     2. Start torch.distributed       7. Decode: greedy, beam search, sampling (prefill + KV cache)
-    3. Read params.json              7b. Looking inside: alternatives, logit lens, memory, attention,
-    4. Tokenize the prompt               where a decode step's time goes
-    5. Build the Transformer         8. Report, and main()
+    3. Read params.json              7b. Chat: a conversation that keeps its KV cache
+    4. Tokenize the prompt           7c. Looking inside: alternatives, logit lens, memory, attention,
+    5. Build the Transformer             where a decode step's time goes
+                                     8. Report, and main()
 """
 
 import base64
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -64,7 +66,10 @@ SEED = 1  # sampling: the same seed gives the same text
 
 SHOW_TOKENS = False  # greedy/sample: a table of generated tokens (id, probability, text) instead of text
 
-# Looking inside the model (chapter 7b). Each is off by default.
+CHAT = False  # True: a conversation with an instruct model on standard input (chapter 7b); INPUT_STRING unused
+CHAT_CONTEXT = 4096  # chat: tokens the dialog may hold (its KV cache); at most the model's trained context
+
+# Looking inside the model (chapter 7c). Each is off by default.
 SHOW_PROMPT_TOKENS = False  # every prompt token: id, its bytes as stored in tokenizer.model (base64), text
 SHOW_ALTERNATIVES = 0  # greedy/sample: per generated token the N likeliest candidates and the entropy
 SHOW_LOGIT_LENS = False  # the model's best guess for the next token after each layer
@@ -75,9 +80,10 @@ SHOW_PROFILE = False  # where a decode step's time goes: each part's ms, bytes r
 
 # Each setting's kind, checked before anything runs, so that a typo ends in one line naming it
 # (MAX_NEW_TOKENS = "10" would otherwise fail deep inside, and IS_INSTRUCT = "no" would count as yes).
-WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": 1, "BEAM_WIDTH": 1, "SHOW_ALTERNATIVES": 0, "SEED": None}  # minimums
+WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": 1, "BEAM_WIDTH": 1, "SHOW_ALTERNATIVES": 0, "SEED": None,
+                         "CHAT_CONTEXT": 2}  # minimums
 NUMBER_SETTINGS = {"LENGTH_PENALTY": (None, None), "TEMPERATURE": (0, None), "TOP_P": (0, 1)}  # ranges
-SWITCH_SETTINGS = ("SHOW_TOKENS", "SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "SHOW_MEMORY", "SHOW_PROFILE")
+SWITCH_SETTINGS = ("CHAT", "SHOW_TOKENS", "SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "SHOW_MEMORY", "SHOW_PROFILE")
 TEXT_SETTINGS = {"MODEL_NAME": False, "LLAMA_MODELS_DIR": False, "INPUT_STRING": False, "SYSTEM_PROMPT": True,
                  "ATTENTION_PNG": True}  # may it be None?
 
@@ -281,24 +287,28 @@ def prompt_tensor(model, tokens: list) -> torch.Tensor:
 PREFILL_CHUNK = 512
 
 
-def prefill(model, prompt_tokens: list) -> torch.Tensor:
+def prefill(model, prompt_tokens: list, cached: int = 0) -> torch.Tensor:
     """Run the prompt through the model, filling the KV cache; return the last position's logits.   # (1, vocab)
 
     model(tokens) would score the vocabulary at every prompt position; only the last one predicts
     the next token, so the layers run on the whole prompt and the output layer on that position.
+    `cached`: how many of the prompt's first tokens the KV cache already holds (a chat's earlier
+    turns, chapter 7b); the prefill starts after them.
     """
-    for start in range(0, len(prompt_tokens), PREFILL_CHUNK):
+    if not 0 <= cached < len(prompt_tokens):
+        raise ValueError(f"cached={cached} must leave at least one of the {len(prompt_tokens)} prompt tokens to run")
+    for start in range(cached, len(prompt_tokens), PREFILL_CHUNK):
         chunk = prompt_tensor(model, prompt_tokens[start : start + PREFILL_CHUNK])
         hidden = model.hidden_states(chunk, start_pos=start)  # (1, chunk length, dim)
     return model.logits(hidden[:, -1:])[:, -1]
 
 
-def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose):
+def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose, cached: int = 0):
     """The generation loop of greedy decoding and sampling; `choose(logits)` picks the next token.
 
     Yields (token, probability) pairs and stops before a stop token, or after max_new_tokens.
     """
-    logits = prefill(model, prompt_tokens)[0]  # (vocab,)
+    logits = prefill(model, prompt_tokens, cached)[0]  # (vocab,)
     position = len(prompt_tokens)  # where the next token goes in the KV cache
     for step in range(max_new_tokens):
         token, probability = choose(logits)
@@ -316,9 +326,9 @@ def most_likely(logits: torch.Tensor) -> tuple:
     return token, float(probs[token])
 
 
-def greedy_decode(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset()):
+def greedy_decode(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset(), cached: int = 0):
     """Yield (token, probability) pairs, always taking the most likely next token."""
-    return decode_loop(model, prompt_tokens, max_new_tokens, stop_tokens, most_likely)
+    return decode_loop(model, prompt_tokens, max_new_tokens, stop_tokens, most_likely, cached)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -338,12 +348,12 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset(),
-           temperature: float = 0.6, top_p: float = 0.9, seed: int = 1):
+           temperature: float = 0.6, top_p: float = 0.9, seed: int = 1, cached: int = 0):
     """Yield (token, probability) pairs drawn at random from the temperature-scaled, top-p-cut
     distribution; the probability is the token's in that distribution. Under torchrun every process
     uses the same seed and sees the same logits, so all draw the same tokens."""
     if temperature <= 0:  # no randomness left: the most likely token every time
-        return greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens)
+        return greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens, cached)
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
 
     def draw(logits: torch.Tensor) -> tuple:
@@ -351,7 +361,7 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozense
         token = int(torch.multinomial(probs, num_samples=1, generator=generator))
         return token, float(probs[token])
 
-    return decode_loop(model, prompt_tokens, max_new_tokens, stop_tokens, draw)
+    return decode_loop(model, prompt_tokens, max_new_tokens, stop_tokens, draw, cached)
 
 
 # Beam search keeps the BEAM_WIDTH best partial answers ("beams") instead of one, and at each step
@@ -427,7 +437,173 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
 
 
 # ================================================================================================
-# 7b. Looking inside the model
+# 7b. Chat: a conversation that keeps its KV cache
+# ================================================================================================
+# An instruct model reads a conversation as one token sequence: <|begin_of_text|>, the system
+# message, then user and assistant messages in turn, each as header, text, <|eot_id|>; a prompt ends
+# with an empty assistant header (chapter 4). Each turn of a chat makes that sequence longer at the
+# end and changes nothing before: the previous prompt, then the answer the model generated, closed
+# by <|eot_id|>, then the new user message and an assistant header.
+#
+# So the KV cache left by the last answer is already the start of the next prompt, and a turn needs
+# to prefill only the tokens it adds. This is exact, not an approximation: a key or value at position
+# p depends only on the tokens at positions 0..p (the causal mask), the positions go on counting
+# from where the cache ends, so RoPE rotates each new token as it would in one long prompt, and the
+# cached entries are the very numbers a prefill of the whole dialog would compute (up to the order
+# of additions in chunked products). The dialog is kept as the token ids the model read and wrote,
+# never re-encoded from text: a decoded answer can tokenize differently from how it was generated.
+#
+# The cache holds CHAT_CONTEXT positions. When the next turn would not fit with room for an answer
+# of MAX_NEW_TOKENS, the oldest exchanges (a user message and its answer) are dropped, the system
+# message stays, and the shortened dialog is prefilled once from the start: dropping a message moves
+# every later token to an earlier position, so its cached keys, rotated for their old positions, no
+# longer fit.
+#
+# Reading: one message per line. A line ending in a backslash goes on, after a line break, on the
+# next line. /reset starts a new conversation, /exit or the end of input (Ctrl-D) ends it. Ctrl-C
+# during an answer stops it: the history keeps the question and the part of the answer already
+# shown, closed as a finished turn, so the model sees what you saw. Ctrl-C at the prompt ends the
+# session.
+
+CHAT_PROMPT, CHAT_CONTINUATION = "you> ", "...> "
+
+
+@dataclasses.dataclass
+class Conversation:
+    """The dialog as token ids, one list per message, and how much of it the KV cache holds."""
+
+    start: list  # <|begin_of_text|> and the system message, if any: kept when exchanges are dropped
+    exchanges: list = dataclasses.field(default_factory=list)  # [user message tokens + answer tokens]
+    cached: int = 0  # positions 0 .. cached-1 of tokens() are in the KV cache
+
+    def tokens(self) -> list:
+        return self.start + [token for exchange in self.exchanges for token in exchange]
+
+    def reset(self) -> None:
+        self.exchanges = []
+        self.cached = min(self.cached, len(self.start))  # the start is the same: its cache still holds
+
+
+def read_message(is_main: bool):
+    """Rank 0 reads one message from standard input and every process gets it. None: end of input."""
+    message = read_lines() if is_main else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [message]
+        dist.broadcast_object_list(shared, src=0)  # every rank runs every forward pass: all need it
+        message = shared[0]
+    return message
+
+
+def read_lines():
+    """One message: a line, joined with the next ones while a line ends in a backslash."""
+    terminal, lines = sys.stdin.isatty(), []
+    while True:
+        try:
+            line = input((CHAT_CONTINUATION if lines else CHAT_PROMPT) if terminal else "")
+        except EOFError:
+            return "\n".join(lines) if lines else None
+        if not line.endswith("\\"):
+            return "\n".join(lines + [line])
+        lines.append(line[:-1])
+
+
+def fit_into_context(conversation: Conversation, user: list, answer_room: int, context: int) -> int:
+    """Drop the oldest exchanges until the dialog plus `user` plus an answer fits; return how many.
+    The cache then holds only the start (an earlier token moved to a new position)."""
+    dropped = 0
+    while conversation.exchanges and len(conversation.tokens()) + len(user) + answer_room > context:
+        conversation.exchanges.pop(0)
+        dropped += 1
+    if dropped:
+        conversation.cached = min(conversation.cached, len(conversation.start))
+    return dropped
+
+
+def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str, is_main: bool, turn: int) -> None:
+    """Answer one user message, prefilling only what the cache does not hold, and print a status line."""
+    chat_format, context = ChatFormat(tokenizer), model.args.max_seq_len
+    user = chat_format.encode_message({"role": "user", "content": text}) + chat_format.encode_header("assistant")
+    if len(conversation.start) + len(user) + MAX_NEW_TOKENS > context:
+        if is_main:
+            print(f"(that message is {len(user)} tokens: with the system prompt and room for an answer of "
+                  f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS} it does not fit CHAT_CONTEXT = {context}; send a shorter one)")
+        return
+    dropped = fit_into_context(conversation, user, MAX_NEW_TOKENS, context)
+    if dropped and is_main:
+        print(f"(the dialog outgrew CHAT_CONTEXT = {context} tokens: dropped the {dropped} oldest "
+              f"exchange{'s' if dropped > 1 else ''} and prefilled the rest again)")
+    prompt, reused = conversation.tokens() + user, conversation.cached
+    if DECODING == "sample":  # a new seed each turn, the same in every process
+        steps = sample(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, TEMPERATURE, TOP_P, SEED + turn, reused)
+    else:
+        steps = greedy_decode(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, reused)
+    answer, started = [], time.perf_counter()
+    try:
+        if is_main:
+            recorder = recording_alternatives(model, SHOW_ALTERNATIVES) if SHOW_ALTERNATIVES else contextlib.nullcontext()
+            with recorder as alternatives:
+                stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives, tokens=answer)
+        else:
+            answer.extend(token for token, _ in steps)
+    except KeyboardInterrupt:
+        print("\n(stopped)")
+    seconds = time.perf_counter() - started
+    conversation.exchanges.append(user + answer + [tokenizer.eot_id])  # the answer closed as a finished turn
+    # Every answer token but the last was fed to the model (the last one maybe not: the answer may have
+    # ended at MAX_NEW_TOKENS, or been stopped); the next turn prefills from there. No answer: the prefill
+    # may not have finished, so only what was cached before is sure.
+    conversation.cached = len(prompt) + len(answer) - 1 if answer else reused
+    if is_main:
+        print(f"[prefilled {len(prompt) - reused}, reused {reused}, answer {len(answer)} tokens in "
+              f"{seconds:.1f} s ({len(answer) / seconds:.1f} tokens/s)]\n")
+
+
+def check_chat(folder: Path) -> None:
+    if not is_instruct(folder):
+        raise LlamaError(f"CHAT = True needs an instruct model, and {folder.name} has no 'Instruct' in its name: "
+                         "use an Instruct checkpoint, or set IS_INSTRUCT = True if it is one")
+    if DECODING == "beam":
+        raise LlamaError("DECODING = 'beam' does not chat (each turn would need its beams' caches kept): "
+                         "use 'greedy' or 'sample' with CHAT = True")
+
+
+def chat_context(params: ModelArgs) -> int:
+    """CHAT_CONTEXT, or the trained context if that is smaller; room for an answer must remain."""
+    context = min(CHAT_CONTEXT, trained_context_length(params))
+    if context <= MAX_NEW_TOKENS:
+        raise LlamaError(f"CHAT_CONTEXT = {CHAT_CONTEXT} leaves no room for messages beside answers of "
+                         f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS}: make CHAT_CONTEXT larger or MAX_NEW_TOKENS smaller")
+    return context
+
+
+def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
+    """The conversation loop: read a message, answer it, until /exit, the end of input or Ctrl-C."""
+    start = [tokenizer.bos_id]
+    if SYSTEM_PROMPT:
+        start += ChatFormat(tokenizer).encode_message({"role": "system", "content": SYSTEM_PROMPT})
+    conversation = Conversation(start)
+    if is_main:
+        print(f"chat: one message per line (end a line with \\ to go on on the next), /reset, /exit or "
+              f"Ctrl-D to end; the dialog keeps up to CHAT_CONTEXT = {model.args.max_seq_len} tokens\n")
+    for turn in itertools.count():
+        try:
+            text = read_message(is_main)
+        except KeyboardInterrupt:  # at the prompt: the end of the session
+            text = None
+        if text is None or text.strip() == "/exit":
+            if is_main:
+                print()
+            return
+        if text.strip() == "/reset":
+            conversation.reset()
+            if is_main:
+                print("(a new conversation)\n")
+        elif text.strip():
+            chat_turn(model, tokenizer, conversation, text, is_main, turn)
+
+
+# ================================================================================================
+# 7c. Looking inside the model
 # ================================================================================================
 # None of this changes what the model computes. Forward hooks (functions PyTorch calls with a
 # module's inputs or output whenever it runs) read the numbers as they pass by.
@@ -771,17 +947,18 @@ def print_token_row(step: int, token: int, probability: float, tokenizer: Tokeni
     print(f"{step:>5}  {token:>6}  {probability:>7.2%}  {token_text(tokenizer, token):<{text_width}}", end="")
 
 
-def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: list = None):
+def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: list = None, tokens: list = None):
     """Print each (token, probability) as it arrives; return the tokens and the time of the first.
 
-    A table instead of text when show_tokens or `alternatives` (recorded per step, see chapter 7b).
+    A table instead of text when show_tokens or `alternatives` (recorded per step, see chapter 7c).
+    The tokens are appended to `tokens` when given, so that a caller keeps them if interrupted.
     """
     table = show_tokens or alternatives is not None
     text_width = 16 if alternatives is not None else 0  # align the alternatives column
     if table:
         header = f"{'step':>5}  {'id':>6}  {'prob':>7}  {'text':<{text_width}}"
         print(header + ("  |  entropy  alternatives (the model's distribution)" if alternatives is not None else ""))
-    decoder, tokens, first_token_time = StreamingDecoder(tokenizer), [], None
+    decoder, tokens, first_token_time = StreamingDecoder(tokenizer), [] if tokens is None else tokens, None
     for token, probability in steps:
         first_token_time = first_token_time or time.perf_counter()
         tokens.append(token)
@@ -851,13 +1028,16 @@ def run() -> None:
     params = ModelArgs.from_json_file(files.params)  # 3. read params.json
 
     tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
-    prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(folder))
-    if is_main and SHOW_PROMPT_TOKENS:
-        show_tokenizer_file(files.tokenizer)
-        show_prompt_tokens(tokenizer, prompt)
-
-    batch_size = BEAM_WIDTH if DECODING == "beam" else 1  # 5. build the Transformer
-    args = model_args_for(params, len(prompt), batch_size)
+    if CHAT:  # the prompts come later, one per turn
+        check_chat(folder)
+        prompt, args = None, dataclasses.replace(params, max_seq_len=chat_context(params), max_batch_size=1)
+    else:
+        prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(folder))
+        if is_main and SHOW_PROMPT_TOKENS:
+            show_tokenizer_file(files.tokenizer)
+            show_prompt_tokens(tokenizer, prompt)
+        batch_size = BEAM_WIDTH if DECODING == "beam" else 1  # 5. build the Transformer
+        args = model_args_for(params, len(prompt), batch_size)
     model = build_model(args, device, dtype)
 
     load_started = time.perf_counter()  # 6. load the weights
@@ -865,10 +1045,14 @@ def run() -> None:
     if is_main:
         print(f"{folder.name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
-    look_inside(model, tokenizer, prompt, is_main)  # 7b. looking inside, before decoding
+    if not CHAT:
+        look_inside(model, tokenizer, prompt, is_main)  # 7c. looking inside, before decoding
 
     profile = StepProfile(model) if SHOW_PROFILE and is_main else None
-    generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 8. report
+    if CHAT:
+        chat(model, tokenizer, is_main)  # 7b. chat
+    else:
+        generate_and_print(model, tokenizer, prompt, is_main)  # 7. decode, 8. report
     if SHOW_MEMORY and is_main:  # after decoding: memory-mapped weights are read in on first use
         print_memory_report(memory_report(model), device)
     if profile:

@@ -6,6 +6,7 @@ tests/parallel_worker.py with gloo on the CPU, in float32, and compare with this
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,25 @@ def test_run_inference_script_under_torchrun_prints_what_one_process_prints(shar
     two = generated_text(sharded[2], [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                       "--nproc-per-node", "2", "--no-python"])
     assert one.strip() and one == two
+
+
+def test_chat_under_torchrun_answers_as_one_process_does(sharded, tmp_path):
+    """CHAT = True with 2 processes: rank 0 reads the piped messages and shares them; both run every
+    step; the answers equal one process's on the unsharded checkpoint."""
+    repo_root = Path(__file__).resolve().parents[1]
+    python_with_settings = [sys.executable, "-c", "import run_inference as r; r.CHAT = True; r.IS_INSTRUCT = True; "
+                            "r.MAX_NEW_TOKENS = 6; r.DTYPE = 'float32'; r.SHOW_TOKENS = True; r.main()"]
+
+    def chat_transcript(folder: Path, launcher: list) -> list:
+        environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(folder), "OMP_NUM_THREADS": "1",
+                                    "TMPDIR": str(tmp_path)}
+        finished = subprocess.run([*launcher, *python_with_settings], input="Hello\nAnd then?\n",
+                                  capture_output=True, text=True, timeout=180, env=environment, cwd=repo_root)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        assert finished.stdout.count("[prefilled") == 2  # only rank 0 prints, once per turn
+        return re.findall(r"^\s+\d+\s+(\d+)\s+[\d.]+%", finished.stdout, re.MULTILINE)  # the answers' ids
+
+    one = chat_transcript(sharded[1], [])
+    two = chat_transcript(sharded[2], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc-per-node", "2", "--no-python"])
+    assert one and one == two
