@@ -10,8 +10,14 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import initialize_model_parallel
 
-from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, Transformer
-from llama_models.llama3.checkpoint import resolve_device
+try:  # Meta's downloader package has our package's name: if it replaced ours, say so
+    from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Transformer
+    from llama_models.llama3.checkpoint import find_checkpoint_files, load_tokenizer, match_checkpoint_to_model, resolve_device
+    from llama_models.llama3.sharding import read_shard
+except ImportError as error:
+    sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
+             "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
+             "here, and keep Meta's downloader in an environment of its own (README.md, Set up)")
 
 # 1. Settings
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR ("Instruct" in the name: chat prompt)
@@ -23,10 +29,9 @@ MAX_NEW_TOKENS = 128  # stop after this many tokens unless the model ends its an
 
 def main():
     folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME)
-    if not (folder / "params.json").is_file():
-        raise LlamaError(f"no checkpoint at {folder}: set MODEL_NAME and LLAMA_MODELS_DIR (or LLAMA_CHECKPOINT_DIR)")
-    if len(list(folder.glob("*.pth"))) > 1:
-        raise LlamaError(f"{folder} is split into several shards: run it with run_inference.py and torchrun")
+    files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
+    if len(files.shards) > 1:
+        raise LlamaError(f"{files.folder} is split into several shards: run it with run_inference.py and torchrun")
     device = resolve_device(DEVICE)
 
     # 2. Start torch.distributed and fairscale (a group of one process)
@@ -34,13 +39,13 @@ def main():
     initialize_model_parallel(1)
 
     # 3. Read params.json
-    params = ModelArgs.from_json_file(folder / "params.json")
+    params = ModelArgs.from_json_file(files.params)
 
     # 4. Tokenize the prompt
-    tokenizer = Tokenizer(folder / "tokenizer.model")
+    tokenizer = load_tokenizer(files.tokenizer, params)  # a Tokenizer, checked against params.json
     if not isinstance(INPUT_STRING, str) or not INPUT_STRING.strip():
         raise LlamaError(f"INPUT_STRING = {INPUT_STRING!r}: write a prompt in quotes")
-    if "instruct" in folder.name.lower():
+    if "instruct" in files.model_name.lower():
         prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": INPUT_STRING}])
     else:
         prompt = tokenizer.encode(INPUT_STRING, bos=True, eos=False)
@@ -57,9 +62,9 @@ def main():
     with torch.device(device):
         model = Transformer(args)
 
-    # 6. Load the weights (memory-mapped: no copy on the CPU)
-    weights = torch.load(folder / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True)
-    weights.setdefault("output.weight", weights["tok_embeddings.weight"])  # 3.2 1B/3B may share one matrix
+    # 6. Load the weights: torch.load(..., mmap=True, weights_only=True), so no copy on the CPU and no
+    # code run; then every name and shape checked (3.2 1B/3B may share one embedding/output matrix)
+    weights = match_checkpoint_to_model(read_shard(files.shards[0]), model, files.shards[0])
     model.load_state_dict(weights, strict=True, assign=True)
     model.to(device)
 

@@ -28,19 +28,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, products
-from llama_models.llama3.bandwidth import memory_read_bandwidth, synchronize
-from llama_models.llama3.checkpoint import (
-    build_model,
-    end_model_parallel,
-    find_checkpoint_files,
-    init_model_parallel,
-    load_tokenizer,
-    load_weights,
-    resolve_device,
-    resolve_dtype,
-)
-from llama_models.llama3.model import apply_rope
+try:  # Meta's downloader package has our package's name: if it replaced ours, say so
+    from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, products
+    from llama_models.llama3.bandwidth import memory_read_bandwidth, synchronize
+    from llama_models.llama3.checkpoint import (
+        build_model,
+        end_model_parallel,
+        find_checkpoint_files,
+        init_model_parallel,
+        load_tokenizer,
+        load_weights,
+        resolve_device,
+        resolve_dtype,
+    )
+    from llama_models.llama3.model import apply_rope
+except ImportError as error:
+    sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
+             "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
+             "here, and keep Meta's downloader in an environment of its own (README.md, Set up)")
 
 # ================================================================================================
 # 1. Settings
@@ -51,7 +56,7 @@ LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where Meta's downloader puts checkp
 # The environment variable LLAMA_CHECKPOINT_DIR, when set, names the checkpoint folder directly.
 INPUT_STRING = "Explain in two sentences why the sky is blue."
 SYSTEM_PROMPT = None  # instruct models only: e.g. "You are a concise assistant." (None: no system message)
-IS_INSTRUCT = None  # None: an instruct model if "Instruct" is in the folder name; True/False to override
+IS_INSTRUCT = None  # None: an instruct model if "Instruct" is in the model's folder name; True/False to override
 
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1" or "mps"
 DTYPE = None  # None: bfloat16 where the device has it, else float16; or "float32", "bfloat16", "float16"
@@ -164,8 +169,8 @@ def checkpoint_folder() -> Path:
     return folder
 
 
-def is_instruct(folder: Path) -> bool:
-    return IS_INSTRUCT if IS_INSTRUCT is not None else "instruct" in folder.name.lower()
+def is_instruct(model_name: str) -> bool:
+    return IS_INSTRUCT if IS_INSTRUCT is not None else "instruct" in model_name.lower()
 
 
 def trained_context_length(args: ModelArgs) -> int:
@@ -558,9 +563,9 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
               f"{seconds:.1f} s ({len(answer) / seconds:.1f} tokens/s)]\n")
 
 
-def check_chat(folder: Path) -> None:
-    if not is_instruct(folder):
-        raise LlamaError(f"CHAT = True needs an instruct model, and {folder.name} has no 'Instruct' in its name: "
+def check_chat(model_name: str) -> None:
+    if not is_instruct(model_name):
+        raise LlamaError(f"CHAT = True needs an instruct model, and {model_name} has no 'Instruct' in its name: "
                          "use an Instruct checkpoint, or set IS_INSTRUCT = True if it is one")
     if DECODING == "beam":
         raise LlamaError("DECODING = 'beam' does not chat (each turn would need its beams' caches kept): "
@@ -993,6 +998,9 @@ def print_timing(prompt_length: int, generated: int, started: float, first_token
 def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> None:
     stop_tokens = tokenizer.stop_tokens
     max_new_tokens = model.args.max_seq_len - len(prompt)  # MAX_NEW_TOKENS, or less near the context limit
+    if max_new_tokens < MAX_NEW_TOKENS and is_main:
+        print(f"(the prompt is {len(prompt)} tokens, so {max_new_tokens} of MAX_NEW_TOKENS = {MAX_NEW_TOKENS} fit "
+              f"in the model's context of {model.args.max_seq_len})\n")
     started = time.perf_counter()
     if DECODING == "beam":
         beams = beam_search(model, prompt, BEAM_WIDTH, max_new_tokens, stop_tokens, LENGTH_PENALTY)
@@ -1029,10 +1037,10 @@ def run() -> None:
 
     tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
     if CHAT:  # the prompts come later, one per turn
-        check_chat(folder)
+        check_chat(files.model_name)
         prompt, args = None, dataclasses.replace(params, max_seq_len=chat_context(params), max_batch_size=1)
     else:
-        prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(folder))
+        prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(files.model_name))
         if is_main and SHOW_PROMPT_TOKENS:
             show_tokenizer_file(files.tokenizer)
             show_prompt_tokens(tokenizer, prompt)
@@ -1043,7 +1051,7 @@ def run() -> None:
     load_started = time.perf_counter()  # 6. load the weights
     load_weights(model, files, device, dtype)
     if is_main:
-        print(f"{folder.name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
+        print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
     if not CHAT:
         look_inside(model, tokenizer, prompt, is_main)  # 7c. looking inside, before decoding

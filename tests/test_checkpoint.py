@@ -14,6 +14,7 @@ import torch
 from checkpoints import TINY_SHAPES, folder_snapshot, mapped_file_rss_bytes, memory_mapped_ranges, write_checkpoint
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
+from llama_models.llama3.checkpoint import find_checkpoint_files
 from llama_models.llama3.sharding import release_mapped_pages
 from tokenizer_files import write_byte_level_tokenizer
 
@@ -113,6 +114,31 @@ def test_truncated_weights_file(checkpoint_copy):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     message = load_error(checkpoint_copy)
     assert "consolidated.00.pth could not be read" in message and "download it again" in message
+
+
+class RunsCode:
+    """Unpickling this calls os.getcwd: harmless, but a call all the same."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_weights_file_that_carries_code_is_refused_without_running_it(checkpoint_copy):
+    torch.save({"tok_embeddings.weight": torch.zeros(2), "payload": RunsCode()}, checkpoint_copy / "consolidated.00.pth")
+    message = load_error(checkpoint_copy)
+    assert "holds Python objects that are not tensors (" in message and "getcwd)" in message
+    assert "never runs code" in message and "download the checkpoint again" in message
+    assert "weights_only" not in message and "truncated" not in message  # no advice to turn the check off
+
+
+def test_hugging_face_layout_loads_from_its_original_folder(checkpoint_copy, tmp_path):
+    """huggingface-cli download ... --include "original/*" puts Meta's files in original/."""
+    model_folder = tmp_path / "Llama-3.2-1B-Instruct"
+    shutil.copytree(checkpoint_copy, model_folder / "original")
+    files = find_checkpoint_files(model_folder)
+    assert files.folder == model_folder / "original" and files.model_name == "Llama-3.2-1B-Instruct"
+    model, _ = load_llama(model_folder, max_seq_len=8)
+    assert model.args.dim == TINY_SHAPES["gqa3"]["dim"]
 
 
 def test_file_that_is_not_a_pytorch_checkpoint(checkpoint_copy):

@@ -154,7 +154,7 @@ def test_reshard_records_repeated_kv_heads_in_params(sharded):
     assert wk.shape[0] == model_args(sharded[4]).head_dim  # one KV head per shard
 
 
-@pytest.mark.parametrize("problem", ["three ways", "same folder", "inside source", "not empty"])
+@pytest.mark.parametrize("problem", ["three ways", "same folder", "inside source", "not empty", "zero", "negative"])
 def test_reshard_refuses_in_one_line_and_leaves_the_source_alone(sharded, tmp_path, capsys, problem):
     source = sharded[2]
     before = folder_snapshot(source)
@@ -165,6 +165,8 @@ def test_reshard_refuses_in_one_line_and_leaves_the_source_alone(sharded, tmp_pa
         "same folder": (source, "1"),
         "inside source": (source / "merged", "1"),
         "not empty": (tmp_path / "busy", "1"),
+        "zero": (tmp_path / "new", "0"),
+        "negative": (tmp_path / "new", "-2"),
     }[problem]
     assert reshard.main([str(source), str(dst), n_shards]) == 2
     error = capsys.readouterr().err
@@ -257,3 +259,17 @@ def test_chat_under_torchrun_answers_as_one_process_does(sharded, tmp_path):
     two = chat_transcript(sharded[2], [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                        "--nproc-per-node", "2", "--no-python"])
     assert one and one == two
+
+
+def test_a_program_that_never_closes_torch_distributed_exits_cleanly(sharded, tmp_path):
+    """load_llama under torchrun, then exit without end_model_parallel(): the package closes the
+    group at exit. Without that, 1 in 3 two-process gloo runs aborted ("terminate called ...")."""
+    code = (f"from llama_models.llama3 import load_llama\nmodel, _ = load_llama({str(sharded[2])!r}, max_seq_len=8)\n"
+            "model(__import__('torch').tensor([[1, 2]]), start_pos=0)")
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    for _ in range(3):
+        finished = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   "2", "--no-python", sys.executable, "-c", code], capture_output=True, text=True,
+                                  timeout=120, env=environment)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        assert "terminate called" not in finished.stderr

@@ -10,6 +10,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -27,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 import run_inference  # noqa: E402
 from checkpoints import TINY_SHAPES, folder_snapshot  # noqa: E402
 from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
+from tokenizer_files import write_byte_level_tokenizer  # noqa: E402
 from llama_models.llama3 import Tokenizer, load_llama  # noqa: E402
 
 MAX_SEQ_LEN = 64  # prompts below are at most 11 tokens, generations at most 12
@@ -504,6 +506,75 @@ def test_minimal_script_refuses_no_new_tokens(tiny_checkpoint):
         "error: MAX_NEW_TOKENS = 0: write a whole number of at least 1")
 
 
+def damage_checkpoint(folder: Path, damage: str) -> None:
+    """One kind of bad download, as a new user may have it."""
+    weights, tokenizer, params = folder / "consolidated.00.pth", folder / "tokenizer.model", folder / "params.json"
+    if damage == "no tokenizer":
+        tokenizer.unlink()
+    elif damage == "no weights":
+        weights.unlink()
+    elif damage == "empty weights":
+        weights.write_bytes(b"")
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "weights that carry code":
+        torch.save({"payload": types.SimpleNamespace()}, weights)
+    elif damage == "shapes that disagree":
+        params.write_text(params.read_text().replace('"dim": 64', '"dim": 128'))
+    elif damage == "damaged tokenizer":
+        tokenizer.write_text("this is not base64 at all\n")
+    elif damage == "tokenizer of another model":
+        write_byte_level_tokenizer(tokenizer, merges=[b"ab"])
+
+
+DAMAGES = ["no tokenizer", "no weights", "empty weights", "truncated weights", "weights that carry code",
+           "shapes that disagree", "damaged tokenizer", "tokenizer of another model"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("script", ["minimal_run_inference.py", "run_inference.py"])
+def test_a_bad_download_ends_in_one_line_in_both_scripts(tiny_checkpoint, tmp_path, script, damage):
+    folder = shutil.copytree(tiny_checkpoint("gqa1"), tmp_path / "Llama-tiny")
+    damage_checkpoint(folder, damage)
+    before = folder_snapshot(folder)
+    finished = run_python([script], checkpoint=folder)
+    assert finished.returncode == 1
+    assert "Traceback" not in finished.stderr + finished.stdout
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), finished.stderr
+    assert folder_snapshot(folder) == before
+
+
+@pytest.mark.parametrize("script", ["minimal_run_inference.py", "run_inference.py"])
+def test_both_scripts_read_the_hugging_face_layout_and_its_model_name(tiny_checkpoint, tmp_path, script):
+    """Meta's files in <name>/original/: found there, and "Instruct" read from <name>."""
+    model_folder = tmp_path / "Llama-3.2-1B-Instruct"
+    shutil.copytree(tiny_checkpoint("gqa4"), model_folder / "original")
+    instruct_prompt_length = len(run_inference.ChatFormat(Tokenizer(model_folder / "original" / "tokenizer.model"))
+                                 .encode_dialog_prompt([{"role": "user", "content": run_inference.INPUT_STRING}]))
+    finished = run_python([script], checkpoint=model_folder)
+    assert_ran_cleanly(finished)
+    if script == "run_inference.py":
+        assert finished.stdout.startswith("Llama-3.2-1B-Instruct: ")
+        assert f"prompt: {instruct_prompt_length} tokens" in finished.stdout
+
+
+@pytest.mark.parametrize("script", ["minimal_run_inference.py", "run_inference.py"])
+def test_meta_package_in_place_of_ours_is_named_in_one_line(tmp_path, script):
+    """Meta's llama-models installs a llama_models package too (its downloader): ours cannot import."""
+    meta_package = tmp_path / "site" / "llama_models"
+    (meta_package / "llama3").mkdir(parents=True)
+    (meta_package / "__init__.py").write_text("")
+    (meta_package / "llama3" / "__init__.py").write_text("")  # Meta's has one, without our names
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    finished = subprocess.run([sys.executable, script], cwd=REPO_ROOT, env=environment, capture_output=True,
+                              text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert finished.returncode == 1
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot import this project's llama_models" in lines[0], finished.stderr
+    assert "Meta's llama-models package" in lines[0] and "pip install -r requirements.txt" in lines[0]
+
+
 def test_importing_the_scripts_runs_nothing():
     code = (
         "import torch.distributed as dist\n"
@@ -535,7 +606,9 @@ def test_prompt_near_the_context_does_not_fail_midway(tiny_checkpoint, monkeypat
     # run() ends by closing the process group; other tests in this process still need it.
     monkeypatch.setattr(run_inference, "end_model_parallel", lambda: None)
     run_inference.run()
-    reported = re.search(r"^prompt: (\d+) tokens, generated: (\d+) tokens$", capsys.readouterr().out, re.MULTILINE)
+    output = capsys.readouterr().out
+    assert "(the prompt is 37 tokens, so 3 of MAX_NEW_TOKENS = 8 fit in the model's context of 40)" in output
+    reported = re.search(r"^prompt: (\d+) tokens, generated: (\d+) tokens$", output, re.MULTILINE)
     assert reported is not None
     assert int(reported.group(1)) == prompt_length
     # The cache holds positions 0..39: the prompt takes 37, so 3 tokens fit (fewer if a stop token comes).

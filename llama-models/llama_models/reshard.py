@@ -41,6 +41,9 @@ from .llama3.sharding import (
 
 def reshard(src: Path, dst: Path, n_shards: int) -> None:
     """Write the checkpoint in folder `src` as `n_shards` shards into the new folder `dst`."""
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+        raise LlamaError(f"N = {n_shards}: the number of shards must be a whole number of at least 1, "
+                         "the number of processes that will run the copy")
     files = find_checkpoint_files(src)
     dst = Path(dst).expanduser()
     check_destination(files.folder, dst)

@@ -20,6 +20,7 @@ The steps are small public functions so the scripts can show them one by one; `l
 in order. Nothing here writes to the checkpoint folder.
 """
 
+import atexit
 import contextlib
 import io
 import os
@@ -121,6 +122,7 @@ def init_model_parallel(device: torch.device) -> torch.device:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(end_model_parallel)  # we opened it, so we close it, even if the caller does not
     if not fairscale_parallel.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             fairscale_parallel.initialize_model_parallel(dist.get_world_size())
@@ -151,6 +153,8 @@ def end_model_parallel() -> None:
     A process that exits with its group still open can abort ("terminate called without an active
     exception") while the other processes are closing their connections to it, and torchrun then
     reports the run as failed: 7 of 12 two-process gloo runs did so here, none after this call.
+    `init_model_parallel` registers this to run at exit when it opened the group, so a program need
+    not call it; calling it earlier frees the group sooner, and a second call does nothing.
     Models built before cannot run afterwards: fairscale's layers look up the group at every call.
     """
     if fairscale_parallel.model_parallel_is_initialized():
@@ -196,15 +200,29 @@ class CheckpointFiles:
     def folder(self) -> Path:
         return self.params.parent
 
+    @property
+    def model_name(self) -> str:
+        """The folder's name ("Llama3.2-1B-Instruct"), or for Hugging Face's layout its parent's."""
+        return self.folder.parent.name if self.folder.name == HF_SUBFOLDER else self.folder.name
+
+
+# Hugging Face's copy of a Meta checkpoint keeps Meta's files in a subfolder:
+# huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --include "original/*" --local-dir Llama-3.2-1B-Instruct
+# gives Llama-3.2-1B-Instruct/original/{params.json, tokenizer.model, consolidated.00.pth}.
+HF_SUBFOLDER = "original"
+
 
 def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
-    """Check that the folder holds params.json, tokenizer.model and the .pth shards."""
+    """Check that the folder (or its original/ subfolder) holds params.json, tokenizer.model and the
+    .pth shards."""
     folder = Path(ckpt_dir).expanduser()
     if not folder.is_dir():
         raise LlamaError(
             f"checkpoint folder {folder} not found: point to the folder holding params.json, "
             "tokenizer.model and consolidated.00.pth (e.g. ~/.llama/checkpoints/Llama3.2-1B-Instruct)"
         )
+    if not (folder / "params.json").exists() and (folder / HF_SUBFOLDER / "params.json").is_file():
+        folder = folder / HF_SUBFOLDER
     params, tokenizer = folder / "params.json", folder / "tokenizer.model"
     for required in (params, tokenizer):
         if not required.is_file():
