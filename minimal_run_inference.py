@@ -21,7 +21,7 @@ except ImportError as error:
 
 # 1. Settings
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR ("Instruct" in the name: chat prompt)
-LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama model download` puts checkpoints
+LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where `llama-model download` puts checkpoints
 INPUT_STRING = "Explain in two sentences why the sky is blue."  # the prompt
 DEVICE = "auto"  # "auto", "cpu", "cuda" or "mps"
 MAX_NEW_TOKENS = 128  # stop after this many tokens unless the model ends its answer first

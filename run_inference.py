@@ -51,7 +51,7 @@ except ImportError as error:
 # 1. Settings
 # ================================================================================================
 
-MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR, as `llama model download` names it
+MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR, as `llama-model download` names it
 LLAMA_MODELS_DIR = "~/.llama/checkpoints"  # where Meta's downloader puts checkpoints
 # The environment variable LLAMA_CHECKPOINT_DIR, when set, names the checkpoint folder directly.
 INPUT_STRING = "Explain in two sentences why the sky is blue."

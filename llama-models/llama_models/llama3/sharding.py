@@ -118,6 +118,8 @@ def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
 
 def read_shard(path: Path) -> dict:
     """Memory-map one consolidated.NN.pth. `weights_only` refuses pickled code, only tensors load."""
+    if path.stat().st_size == 0:  # torch.load would blame the file's zip format
+        raise LlamaError(f"{path} is empty: the download did not finish; download it again")
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only met something that is not a tensor
