@@ -2,13 +2,16 @@
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from fairscale.nn.model_parallel.initialize import initialize_model_parallel
+if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from fairscale.nn.model_parallel.initialize import initialize_model_parallel  # noqa: E402
 
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Transformer
@@ -88,6 +91,7 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
     try:
         main()
     except LlamaError as error:

@@ -20,13 +20,24 @@ import dataclasses
 import itertools
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+
+def exit_interrupted(*_) -> None:
+    """Ctrl-C: end with exit code 130, as shells report a process ended by SIGINT, and no traceback."""
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly; main() restores it
+    signal.signal(signal.SIGINT, exit_interrupted)
+
+import torch  # noqa: E402  (after the handler above)
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, products
@@ -1072,6 +1083,7 @@ def run() -> None:
 def main(arguments=()) -> None:
     """Run with the settings at the top; any error the user can fix ends in one line and exit code 1,
     an interrupt (Ctrl-C) in exit code 130, as shells report a process ended by SIGINT."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
     try:
         if arguments:
             raise LlamaError(f"{Path(__file__).name} takes no command-line arguments (got {' '.join(arguments)}): "
@@ -1081,8 +1093,7 @@ def main(arguments=()) -> None:
     except LlamaError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
 
 
 if __name__ == "__main__":

@@ -498,6 +498,19 @@ def test_an_interrupt_exits_with_code_130(tiny_checkpoint, script):
     assert finished.stderr.strip() == "interrupted"
 
 
+@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
+def test_an_interrupt_while_torch_imports_exits_with_code_130(tmp_path, script):
+    """A stand-in torch whose import is interrupted (a real SIGINT, as Ctrl-C sends): no traceback."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\n")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    finished = subprocess.run([sys.executable, script], cwd=REPO_ROOT, env=environment, capture_output=True,
+                              text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert finished.returncode == 130, finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
 def test_minimal_script_refuses_no_new_tokens(tiny_checkpoint):
     code = ("import sys, minimal_run_inference as m\nm.MAX_NEW_TOKENS = 0\n"
             "try:\n    m.main()\nexcept m.LlamaError as error:\n    sys.exit(f'error: {error}')")
