@@ -18,9 +18,8 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
     from llama_models.llama3.checkpoint import find_checkpoint_files, load_tokenizer, match_checkpoint_to_model, resolve_device
     from llama_models.llama3.sharding import read_shard
 except ImportError as error:
-    sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
-             "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
-             "here, and keep Meta's downloader in an environment of its own (README.md, Set up)")
+    sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package has the same "
+             "name: run `pip install -r requirements.txt` here, and Meta's downloader in its own environment (README)")
 
 # 1. Settings
 MODEL_NAME = "Llama3.2-1B-Instruct"  # a folder under LLAMA_MODELS_DIR ("Instruct" in the name: chat prompt)
@@ -92,6 +91,9 @@ def main():
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
+    if sys.argv[1:]:
+        sys.exit(f"error: this script takes no arguments (got {' '.join(sys.argv[1:])}): edit its settings at the top, "
+                 "or set LLAMA_CHECKPOINT_DIR")
     try:
         main()
     except LlamaError as error:

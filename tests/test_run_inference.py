@@ -511,12 +511,19 @@ def test_an_interrupt_while_torch_imports_exits_with_code_130(tmp_path, script):
     assert "Traceback" not in finished.stderr
 
 
-def test_minimal_script_refuses_no_new_tokens(tiny_checkpoint):
-    code = ("import sys, minimal_run_inference as m\nm.MAX_NEW_TOKENS = 0\n"
+@pytest.mark.parametrize("setting, value", [("MAX_NEW_TOKENS", "0"), ("MAX_NEW_TOKENS", "'10'"),
+                                            ("MAX_NEW_TOKENS", "2.5"), ("INPUT_STRING", "None")])
+def test_minimal_script_names_a_setting_of_the_wrong_kind(tiny_checkpoint, setting, value):
+    code = (f"import sys, minimal_run_inference as m\nm.{setting} = {value}\n"
             "try:\n    m.main()\nexcept m.LlamaError as error:\n    sys.exit(f'error: {error}')")
     finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
-    assert finished.returncode == 1 and finished.stderr.strip() == (
-        "error: MAX_NEW_TOKENS = 0: write a whole number of at least 1")
+    assert finished.returncode == 1
+    assert finished.stderr.strip().startswith(f"error: {setting} = {value}: write ")
+
+
+def test_minimal_script_says_it_takes_no_arguments():
+    finished = run_python(["minimal_run_inference.py", "--help"])
+    assert finished.returncode == 1 and "takes no arguments (got --help)" in finished.stderr
 
 
 def damage_checkpoint(folder: Path, damage: str) -> None:
