@@ -7,10 +7,11 @@ The settings at the top are the whole interface. The file then reads top to bott
 same stages as minimal_run_inference.py, with the explanations that one leaves out:
 
     1. Settings                      6. Load the weights
-    2. Start torch.distributed       7. Decode: greedy, beam search, sampling (prefill + KV cache)
-    3. Read params.json              7b. Chat: a conversation that keeps its KV cache
-    4. Tokenize the prompt           7c. Looking inside: alternatives, logit lens, memory, attention,
-    5. Build the Transformer             where a decode step's time goes
+    2. Start torch.distributed       6b. Quantize the weights: int8, int4
+    3. Read params.json              7. Decode: greedy, beam search, sampling (prefill + KV cache)
+    4. Tokenize the prompt           7b. Chat: a conversation that keeps its KV cache
+    5. Build the Transformer         7c. Looking inside: alternatives, logit lens, memory, attention,
+                                         where a decode step's time goes
                                      8. Report, and main()
 """
 
@@ -53,6 +54,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
         resolve_dtype,
     )
     from llama_models.llama3.model import apply_rope
+    from llama_models.llama3.quantize import SCHEMES, quantize
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
              "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
@@ -71,6 +73,7 @@ IS_INSTRUCT = None  # None: an instruct model if "Instruct" is in the model's fo
 
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1" or "mps"
 DTYPE = None  # None: bfloat16 where the device has it, else float16; or "float32", "bfloat16", "float16"
+QUANTIZE = None  # None, "int8" or "int4": store the matrices in 8 or 4 bits (chapter 6b)
 
 DECODING = "greedy"  # "greedy", "beam" or "sample"
 MAX_NEW_TOKENS = 128  # stop after this many generated tokens, if no stop token came first
@@ -130,6 +133,8 @@ def check_settings() -> None:
             raise LlamaError(f"{name} = {value!r}: write text in quotes" + (" (or None)" if may_be_none else ""))
     if DECODING not in ("greedy", "beam", "sample"):
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
+    if QUANTIZE not in (None, *SCHEMES):
+        raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, 'int8' or 'int4'")
 
 # ================================================================================================
 # 2. Start torch.distributed and fairscale
@@ -269,6 +274,42 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # model (load_state_dict(assign=True)), so on the CPU in bfloat16 the weights are pages of the file,
 # read from disk when first used, and never copied. (A float32 or GPU load copies each tensor and
 # gives its pages of the file back.) See llama_models/llama3/checkpoint.py.
+
+
+# ================================================================================================
+# 6b. Quantize the weights (QUANTIZE = "int8" or "int4")
+# ================================================================================================
+# A decode step reads every weight once, so it takes as long as the memory needs to deliver them:
+# bytes per weight decide the speed. bfloat16 stores 2 bytes a weight. int8 stores 1, plus one
+# scale per row of 2048 or more: w ~ q * scale with q a whole number from -127 to 127. int4 stores
+# half a byte, plus a scale and a zero point per group of 32 inputs (2 x 2 bytes / 32 = 1/8 byte
+# more): w ~ (q - 8) * scale + zero with q from 0 to 15. Llama 3.2 1B's 2.5 GB become 1.3 GB or 0.8 GB,
+# and 8B's 15 GB become 8 or 5: 8B then fits a 16 GB laptop.
+#
+# The price is rounding. Each weight moves by up to half a step: int8's step is 1/127 of the row's
+# largest weight, int4's 1/15 of its group's range, so int4 moves the model's answers visibly more.
+# The activations stay in bfloat16 (or float32) and every sum is added in float32, as before.
+#
+# Why decoding gets faster and a prompt may not: PyTorch's int8 and int4 kernels read the small
+# numbers and convert each to the activations' dtype as they multiply. For one row (a decode step)
+# the conversion hides behind the memory's speed, and fewer bytes win. For a prompt of many rows
+# every weight is used many times, the conversion is repeated for each, and the time is arithmetic:
+# there converting the whole matrix back once ("dequantized", for the length of one product) can be
+# faster. products.py times both on the first products of each kind and keeps the faster.
+#
+# llama_models/llama3/quantize.py quantizes each matrix as it is loaded, frees the bfloat16 original,
+# and keeps the embedding and the output layer one matrix where Llama 3.2 shares them.
+
+
+def quantize_with_progress(model, scheme: str, shard_paths: list, is_main: bool) -> None:
+    started = time.perf_counter()
+
+    def show(done: int, total: int) -> None:  # a line that counts up on a terminal; only its end in a file
+        if is_main and (done == total or (sys.stdout.isatty() and done % max(1, total // 20) == 0)):
+            print(f"\rquantizing to {scheme}: {done}/{total} matrices, {time.perf_counter() - started:.1f} s",
+                  end="\n" if done == total else "", flush=True)
+
+    quantize(model, scheme, shard_paths=shard_paths, progress=show)
 
 
 # ================================================================================================
@@ -714,7 +755,10 @@ def memory_report(model) -> dict:
     """Bytes of the weights by part (a tensor shared by two parts is counted once) and of the KV cache."""
     parts = {"embedding": 0, "attention": 0, "feed-forward": 0, "norms": 0, "output": 0}
     counted = set()  # data pointers already counted: the tied output of Llama 3.2 1B/3B is the embedding
-    for name, weight in model.named_parameters(remove_duplicate=False):
+    stored = itertools.chain(model.named_parameters(remove_duplicate=False),  # quantized weights are buffers
+                             ((name, buffer) for name, buffer in model.named_buffers(remove_duplicate=False)
+                              if ".weight." in name))
+    for name, weight in stored:
         if weight.data_ptr() in counted:
             continue
         counted.add(weight.data_ptr())
@@ -795,14 +839,14 @@ class StepProfile:
     the four projections, so their time is taken out of its own: "attention" is RoPE, the cache
     write and scaled_dot_product_attention. A step runs from one embedding call (the start of a
     forward pass) to the next, like the benchmark's clock, so the last step, which has no next
-    start, is left out.
+    start, is left out, and so are the first ones, in which products.py times its candidates.
     """
 
     def __init__(self, model):
         self.model = model
         self.device = model.output.weight.device
         self.steps = []  # one (seconds, {part: seconds}, {part: bytes}) per complete decode step
-        self.step_start, self.batch = None, 1
+        self.step_start, self.batch, self.trials_at_start = None, 1, 0
         self.seconds, self.bytes_read = {}, {}  # of the step under way
         self.started = {}  # module -> perf_counter() at its pre-hook
         self.handles = []
@@ -833,20 +877,23 @@ class StepProfile:
     def _start_pass(self, tokens: torch.Tensor):  # tokens: (batch, seq)
         synchronize(self.device)
         now = time.perf_counter()
-        if self.step_start is not None:  # the previous decode step is complete
+        # The previous decode step is complete. It counts unless products.py was still timing its
+        # candidates then (the first steps): the profile shows the kernels it chose, at their speed.
+        if self.step_start is not None and products.CPU_CHOOSER.trials_run == self.trials_at_start:
             self.steps.append((now - self.step_start, self.seconds, self.bytes_read))
         decoding = tokens.shape[1] == 1  # one new token per sequence; a prefill is not profiled
         self.step_start, self.batch = (now if decoding else None), tokens.shape[0]
         self.seconds, self.bytes_read = {}, {}
+        self.trials_at_start = products.CPU_CHOOSER.trials_run
 
     def _bytes_read(self, module, inputs) -> int:
         """What the module reads from memory: its weights, and for attention the cached keys and values."""
         if module is self.model.tok_embeddings:  # one row of the table per sequence
-            return self.batch * module.weight.shape[1] * module.weight.element_size()
+            return self.batch * module.weight.nbytes // module.weight.shape[0]
         if hasattr(module, "cache_k"):  # inputs = (x, start_pos, cos, sin, mask)
             kv_len = inputs[1] + 1
             return 2 * module.cache_k[: self.batch, :, :kv_len].numel() * module.cache_k.element_size()
-        return sum(weight.nbytes for weight in module.parameters())
+        return sum(weight.nbytes for weight in itertools.chain(module.parameters(), module.buffers()))
 
     def close(self):
         for handle in self.handles:
@@ -870,7 +917,7 @@ def part_kernels(model, part: str, rows: int) -> str:
     """The product kernels a part uses (products.py chose them by timing), e.g. "F.linear (wq, wo)"."""
     users = {}  # kernel name -> the weight names that use it
     for name, module in model.named_modules():
-        if profile_part(name) == part and hasattr(module, "in_features"):  # the linear layers
+        if profile_part(name) == part and hasattr(module, "in_features") and hasattr(module, "weight"):  # linear layers
             users.setdefault(products.chosen_kernel(rows, module.weight), []).append(name.split(".")[-1])
     return "; ".join(f"{kernel} ({', '.join(dict.fromkeys(names))})" for kernel, names in users.items())
 
@@ -1061,8 +1108,11 @@ def run() -> None:
 
     load_started = time.perf_counter()  # 6. load the weights
     load_weights(model, files, device, dtype)
+    if QUANTIZE:  # 6b. quantize them
+        quantize_with_progress(model, QUANTIZE, files.shards, is_main)
     if is_main:
-        print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {dtype} on {device}, "
+        stored = f"{dtype} ({QUANTIZE} matrices)" if QUANTIZE else f"{dtype}"
+        print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {stored} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
     if not CHAT:
         look_inside(model, tokenizer, prompt, is_main)  # 7c. looking inside, before decoding

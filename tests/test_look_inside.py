@@ -20,7 +20,7 @@ if str(REPO_ROOT) not in sys.path:  # run_inference.py is a script at the reposi
 
 import run_inference  # noqa: E402
 from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
-from llama_models.llama3 import load_llama  # noqa: E402
+from llama_models.llama3 import load_llama, products  # noqa: E402
 
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # BOS + "Hello, world" as bytes
 
@@ -130,13 +130,15 @@ def matplotlib_installed() -> bool:
     return True
 
 
-def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_checkpoint):
+def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_checkpoint, monkeypatch):
     """Bytes by their formulas (every weight once per step, the KV cache up to each step's position);
     times: no part negative, and the timed parts leave a non-negative rest of the step. The stated
     margin: on this tiny model the timed parts cover at least a third of the step (the rest is
     Python between modules and choosing the token, a larger share than in a real model)."""
     folder = tiny_checkpoint("gqa3")
     model, _ = load_llama(folder, dtype=torch.float32, max_seq_len=64)
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=24))  # every kind of product chosen
     profile = run_inference.StepProfile(model)
     try:
         tokens = list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=12))
@@ -163,6 +165,17 @@ def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_chec
     assert all(rows[part][0] >= 0 for part in run_inference.PROFILE_PARTS)
     assert 0 <= rows["rest"][0] and timed <= step_seconds
     assert timed >= step_seconds / 3
+
+
+def test_profile_leaves_out_the_steps_in_which_kernels_are_timed(tiny_checkpoint, monkeypatch):
+    model, _ = load_llama(tiny_checkpoint("gqa3"), dtype=torch.float32, max_seq_len=64)
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    profile = run_inference.StepProfile(model)
+    try:
+        list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=12))
+    finally:
+        profile.close()
+    assert len(profile.steps) < 10  # the first decode steps ran trials of the one-row candidates
 
 
 def test_script_shows_the_profile_with_the_kernels_chosen(tiny_checkpoint):

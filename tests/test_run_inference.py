@@ -419,6 +419,15 @@ def test_run_inference_script_beam_and_sample_modes(tiny_checkpoint):
     assert folder_snapshot(folder) == before
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_run_inference_script_quantizes(tiny_checkpoint, scheme):
+    finished = run_python(with_settings(f"r.QUANTIZE = {scheme!r}\nr.SHOW_MEMORY = True\nr.MAX_NEW_TOKENS = 6"),
+                          checkpoint=tiny_checkpoint("gqa4"))
+    assert_ran_cleanly(finished)
+    assert f"quantizing to {scheme}: " in finished.stdout and f"({scheme} matrices)" in finished.stdout
+    assert re.search(r"^prompt: \d+ tokens, generated: \d+ tokens$", finished.stdout, re.MULTILINE)
+
+
 def test_minimal_run_inference_script_runs(tiny_checkpoint):
     folder = tiny_checkpoint("gqa4")
     before = folder_snapshot(folder)
@@ -464,6 +473,7 @@ SETTINGS_OF_THE_WRONG_KIND = [
     ("TEMPERATURE", -1), ("TOP_P", 1.5), ("TOP_P", float("nan")), ("LENGTH_PENALTY", None),
     ("INPUT_STRING", None), ("SYSTEM_PROMPT", 3), ("MODEL_NAME", None), ("IS_INSTRUCT", "no"),
     ("SHOW_MEMORY", "yes"), ("SHOW_PROFILE", 1), ("ATTENTION_PNG", True), ("DECODING", None),
+    ("QUANTIZE", "int3"), ("QUANTIZE", True),
 ]
 
 

@@ -26,7 +26,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,8 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError, ModelArgs
 from .model import Transformer
+from .quantize import check_scheme
+from .quantize import quantize as quantize_weights
 from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages
 from .tokenizer import Tokenizer
 
@@ -350,11 +352,13 @@ def load_llama(
     dtype: Union[None, str, torch.dtype] = None,
     max_seq_len: int = 2048,
     max_batch_size: int = 1,
+    quantize: Optional[str] = None,
 ) -> tuple[Transformer, Tokenizer]:
     """Load a Meta Llama 3.x checkpoint folder; return (model, tokenizer) ready for `model(tokens, pos)`.
 
     max_seq_len and max_batch_size size the KV cache: choose what you need, not more (the cache
-    of 8B at batch 1 takes 128 KiB per token in bfloat16).
+    of 8B at batch 1 takes 128 KiB per token in bfloat16). quantize: None, "int8" or "int4"
+    stores the matrices in 8 or 4 bits (quantize.py), quantized one by one as they are loaded.
     """
     files = find_checkpoint_files(ckpt_dir)
     device = resolve_device(device)
@@ -362,6 +366,10 @@ def load_llama(
     args = ModelArgs.from_json_file(files.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     tokenizer = load_tokenizer(files.tokenizer, args)
     device = init_model_parallel(device)
+    if quantize is not None:  # before anything is read: a bad scheme or group size fails at once
+        check_scheme(quantize, (args.dim, args.n_heads * args.head_dim, args.ffn_hidden_dim))
     model = build_model(args, device, dtype)
     load_weights(model, files, device, dtype)
+    if quantize is not None:
+        quantize_weights(model, quantize, shard_paths=files.shards)
     return model, tokenizer

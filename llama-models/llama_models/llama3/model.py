@@ -31,7 +31,7 @@ from fairscale.nn.model_parallel.utils import VocabUtility
 from torch import nn
 
 from .args import LlamaError, ModelArgs
-from .products import linear
+from .products import embedding, linear
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,8 +47,9 @@ from .products import linear
 #    placeholder on the meta device: a shape with no memory behind it. `load_state_dict(...,
 #    assign=True)` then puts the checkpoint's tensors in its place, and no second copy ever exists.
 #
-# 2. The product of the linear layers, `linear`, picks the fastest PyTorch kernel for this CPU (see
-#    products.py). fairscale's mapping functions still do all the communication between processes.
+# 2. The product of the linear layers, `linear`, picks the fastest PyTorch kernel for this CPU, and the
+#    embedding's lookup is `embedding`; both also take quantized weights (products.py, quantize.py).
+#    fairscale's mapping functions still do all the communication between processes.
 
 
 def _weight_placeholder(rows: int, cols: int) -> nn.Parameter:
@@ -95,8 +96,8 @@ class RowParallelLinear(fairscale_layers.RowParallelLinear):
 class VocabParallelEmbedding(fairscale_layers.VocabParallelEmbedding):
     """Token id -> row of the embedding matrix, each process holding a block of the vocabulary.
 
-    fairscale's forward: a process looks up the ids it owns, writes zeros for the others, and the
-    processes sum their results, so every process ends with every token's vector.
+    A process looks up the ids it owns, writes zeros for the others, and the processes sum their
+    results, so every process ends with every token's vector.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
@@ -110,6 +111,13 @@ class VocabParallelEmbedding(fairscale_layers.VocabParallelEmbedding):
         )
         self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
         self.weight = _weight_placeholder(self.num_embeddings_per_partition, embedding_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (batch, seq) -> (batch, seq, dim)
+        # fairscale's forward, with the lookup by `embedding`, which also reads quantized rows.
+        outside = (tokens < self.vocab_start_index) | (tokens >= self.vocab_end_index)  # other processes' ids
+        local_ids = (tokens - self.vocab_start_index).masked_fill(outside, 0)
+        vectors = embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)
+        return reduce_from_model_parallel_region(vectors)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,9 +29,14 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
 - "row blocks" (matrices of at least 4 x ROW_BLOCK rows, the output layer): the product in blocks
   of ROW_BLOCK weight rows, each written into its slice of the result, for kernels that slow down
   on one very large operand.
+- Quantized weights (quantize.py): "int8 kernel" (torch._weight_int8pack_mm) and "int4 kernel"
+  (torch._weight_int4pack_mm_for_cpu), which convert the small numbers as they multiply, and for
+  9 rows or more "dequantized" and "dequantized to float32": the matrix converted back once for
+  the product, which pays where a prompt would repeat the conversion for every row.
 
 Rounding: every candidate multiplies the stored numbers exactly and adds in float32; a bfloat16
-result is rounded to bfloat16 once at the end. What differs is the order of the additions (each
+result is rounded to bfloat16 once at the end. (A quantized weight dequantized to bfloat16 is the
+one exception: each weight is rounded to bfloat16 before the product, a relative 2^-9.) What differs is the order of the additions (each
 kernel blocks the sum over `in` its own way), which moves a float32 sum by a few units in its last
 place, and can flip the final bfloat16 rounding of a result by one step. "row blocks" computes each
 output element with the same kernel over the same whole row as the unblocked product. So a model
@@ -123,20 +128,51 @@ def _row_blocks(x, weight):
     return out
 
 
+def _int8_kernel(x, weight):  # x (rows, in) in any float dtype; scales in x's dtype
+    return torch._weight_int8pack_mm(x, weight.values, weight.scales.to(x.dtype))
+
+
+def _int4_kernel(x, weight):
+    return torch._weight_int4pack_mm_for_cpu(x, weight.cpu_packed(), weight.group_size, weight.scales.to(x.dtype))
+
+
+def _dequantized(x, weight):
+    # One matrix back in x's dtype for the duration of the product: never a second resident copy.
+    return F.linear(x, weight.dequantize(x.dtype))
+
+
+def _dequantized_float32(x, weight):
+    return F.linear(x.float(), weight.dequantize(torch.float32)).to(x.dtype)
+
+
+def _is_plain(rows, weight):
+    return isinstance(weight, torch.Tensor)
+
+
 def _is_bfloat16(rows, weight):
     return weight.dtype == torch.bfloat16
 
 
+def _is_kind(kind):
+    return lambda rows, weight: weight.dtype == kind
+
+
 CPU_KERNELS = (
-    Kernel("F.linear", _f_linear),
-    Kernel("torch.mv", _matrix_vector, lambda rows, weight: rows == 1),
-    Kernel("weight @ x.T", _weight_first, lambda rows, weight: rows > 1),
+    Kernel("F.linear", _f_linear, _is_plain),
+    Kernel("torch.mv", _matrix_vector, lambda rows, weight: rows == 1 and _is_plain(rows, weight)),
+    Kernel("weight @ x.T", _weight_first, lambda rows, weight: rows > 1 and _is_plain(rows, weight)),
     Kernel("F.linear, oneDNN off", _without_onednn(_f_linear), _is_bfloat16),
     Kernel("torch.mv, oneDNN off", _without_onednn(_matrix_vector),
            lambda rows, weight: rows == 1 and _is_bfloat16(rows, weight)),
     Kernel("float32 copy", _float32_copy,
            lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _is_bfloat16(rows, weight)),
-    Kernel("row blocks", _row_blocks, lambda rows, weight: weight.shape[0] >= 4 * ROW_BLOCK),
+    Kernel("row blocks", _row_blocks, lambda rows, weight: weight.shape[0] >= 4 * ROW_BLOCK and _is_plain(rows, weight)),
+    Kernel("int8 kernel", _int8_kernel, _is_kind("int8")),
+    Kernel("int4 kernel", _int4_kernel, _is_kind("int4")),
+    Kernel("dequantized", _dequantized,
+           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(rows, weight)),
+    Kernel("dequantized to float32", _dequantized_float32,
+           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(rows, weight)),
 )
 
 
@@ -157,6 +193,11 @@ class KernelChooser:
     clock: Callable[[], float] = time.perf_counter
     chosen: dict = field(default_factory=dict)  # kind -> Kernel
     times: dict = field(default_factory=dict)  # kind -> {kernel name: [seconds of each trial]}
+
+    @property
+    def trials_run(self) -> int:
+        """How many timed trials have run so far: a profile leaves out the steps in which it grew."""
+        return sum(len(seconds) for kind in self.times.values() for seconds in kind.values())
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (rows, in) -> (rows, out)
         kind = product_kind(x.shape[0], weight)
@@ -188,15 +229,27 @@ class KernelChooser:
 CPU_CHOOSER = KernelChooser(CPU_KERNELS)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, the product of every linear layer.   x: (..., in), weight: (out, in) -> (..., out)"""
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight.T, the product of every linear layer.   x: (..., in), weight: (out, in) -> (..., out)
+
+    `weight` is a tensor or a quantized weight (quantize.py). Off the CPU a quantized weight is
+    dequantized for the product (MPS and CUDA have kernels of their own, with other layouts)."""
     if x.device.type != "cpu":
-        return F.linear(x, weight)
+        return F.linear(x, weight if isinstance(weight, torch.Tensor) else weight.dequantize(x.dtype))
     y = CPU_CHOOSER(x.reshape(-1, x.shape[-1]), weight)  # (rows, out)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def chosen_kernel(rows: int, weight: torch.Tensor) -> str:
+def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
+    """The rows of the embedding matrix for token ids: (...) -> (..., dim). A quantized matrix gives
+    its rows dequantized, in its scales' dtype (the model's); a lookup reads a few rows, so the time
+    is the same either way, and a matrix shared with the output layer stays one."""
+    if isinstance(weight, torch.Tensor):
+        return F.embedding(ids, weight)
+    return weight.rows(ids, weight.scales.dtype)
+
+
+def chosen_kernel(rows: int, weight) -> str:
     """The name of the kernel this product uses, "F.linear" off the CPU, or "(still timing)"."""
     if weight.device.type != "cpu":
         return "F.linear"
