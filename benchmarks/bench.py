@@ -434,7 +434,7 @@ def transformers_generate(model, prompt: torch.Tensor, tokens: int, **options) -
 
 
 def worker_ours(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
-                report: Report) -> None:
+                report: Report, quantize: str = None) -> None:
     from llama_models.llama3 import load_llama, products
 
     import run_inference
@@ -444,7 +444,7 @@ def worker_ours(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens
     started = time.perf_counter()
     # max_batch_size = BEAM_WIDTH: one process serves greedy (batch 1) and beam search (batch 4).
     model, _ = load_llama(folder, device="cpu", dtype=dtype, max_seq_len=prompt_tokens + new_tokens,
-                          max_batch_size=BEAM_WIDTH)
+                          max_batch_size=BEAM_WIDTH, quantize=quantize)
     report.save(load_s=time.perf_counter() - started, rss_after_load_mib=rss_mib())
 
     # Warm-up: the first prefill also reads every weight from the memory-mapped file for the first time.
@@ -537,8 +537,9 @@ WORKERS = {"ours": worker_ours, "transformers": worker_transformers,
 
 def run_worker_main(options) -> None:
     report = Report(Path(options.result))
+    quantized = {"quantize": options.scheme} if options.scheme else {}  # ours only
     WORKERS[options.worker](Path(options.checkpoint), DTYPES[options.dtype], options.prompt_tokens, options.new_tokens,
-                            options.repeats, report)
+                            options.repeats, report, **quantized)
 
 
 # ================================================================================================
@@ -546,14 +547,15 @@ def run_worker_main(options) -> None:
 # ================================================================================================
 
 
-def run_worker(worker: str, folder: Path, dtype: str, options) -> dict:
+def run_worker(worker: str, folder: Path, dtype: str, options, scheme: str = None) -> dict:
     """Run one worker in a fresh process; returns its report, with "error" set if it failed."""
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "report.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--checkpoint", str(folder),
                    "--dtype", dtype, "--prompt-tokens", str(options.prompt_tokens),
                    "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats), "--result", str(result)]
-        print(f"  {worker:<12} {DTYPE_NAMES[dtype]} ...", end="", flush=True)
+        command += ["--scheme", scheme] if scheme else []
+        print(f"  {worker:<12} {scheme or DTYPE_NAMES[dtype]} ...", end="", flush=True)
         read_into_page_cache(folder)
         started = time.perf_counter()
         environment = {**os.environ, **(AVX2_ENVIRONMENT if options.emulate_avx2 else {})}
@@ -680,11 +682,11 @@ def markdown_row(cells, widths) -> str:
     return "| " + " | ".join(padded) + " |"
 
 
-def print_table(title: str, rows: list, notes: list) -> None:
+def print_table(title: str, rows: list, notes: list, header: tuple = HEADER) -> None:
     print(f"\n### {title}\n")
     if rows:  # none when the dtype was skipped
-        widths = [max(len(str(row[i])) for row in [HEADER] + rows) for i in range(len(HEADER))]
-        print(markdown_row(HEADER, widths))
+        widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+        print(markdown_row(header, widths))
         print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for row in rows:
             print(markdown_row(row, widths))
@@ -721,13 +723,20 @@ def parse_options(argv=None):
                         help="cap the workers' CPU kernels at AVX2, as on a CPU without bfloat16 instructions")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"checkpoints go here ({DEFAULT_CACHE})")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
-    for internal in ("--worker", "--checkpoint", "--dtype", "--result"):  # the parent calls itself
+    parser.add_argument("--quantize", default="", help="comma-separated, of int8 and int4: our quantized model "
+                        "too, beside our bfloat16 one")
+    for internal in ("--worker", "--checkpoint", "--dtype", "--result", "--scheme"):  # the parent calls itself
         parser.add_argument(internal, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     options.dtypes = [d.strip() for d in options.dtypes.split(",") if d.strip()]
     unknown = [d for d in options.dtypes if d not in DTYPES]
     if unknown or not options.dtypes:
         parser.error(f"--dtypes: use bf16 and/or f32, not {','.join(unknown) or 'nothing'}")
+    options.quantize = [scheme.strip() for scheme in options.quantize.split(",") if scheme.strip()]
+    if any(scheme not in QUANTIZE_TARGETS for scheme in options.quantize):
+        parser.error(f"--quantize: use int8 and/or int4, not {','.join(options.quantize)}")
+    if options.quantize and "bf16" not in options.dtypes:
+        parser.error("--quantize compares with our bfloat16 model: keep bf16 in --dtypes")
     if options.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes from the prefill)")
     if options.prompt_tokens < 1:
@@ -786,6 +795,7 @@ def main() -> None:
     # one of the two moments does not lower the roofline.
     before = measure_memory_bandwidth("before")
     reports = {dtype: run_workers(dtype, args, meta_folder, hf_folder, options) for dtype in options.dtypes}
+    quantized = {scheme: run_worker("ours", meta_folder, "bf16", options, scheme) for scheme in options.quantize}
     after = measure_memory_bandwidth("after")
     best_bandwidth = max(before, after)
 
@@ -796,7 +806,9 @@ def main() -> None:
                "bandwidth_bytes_per_s": {"before": before, "after": after},
                "roofline_bandwidth_bytes_per_s": best_bandwidth,
                "dtypes": {DTYPE_NAMES[d]: summarise(d, reports[d], args, best_bandwidth, options)
-                          for d in options.dtypes}}
+                          for d in options.dtypes},
+               "quantized": {scheme: summarise_quantized(scheme, report, reports["bf16"]["ours"], checkpoint_bytes, options)
+                             for scheme, report in quantized.items()}}
     print_results(results, options)
     if options.json:
         options.json.parent.mkdir(parents=True, exist_ok=True)
@@ -843,9 +855,7 @@ def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, opti
         elif "rss_baseline_mib" in report:
             notes.append(f"{side}: RSS before loading {report['rss_baseline_mib']:.0f} MiB")
         if "kernels" in report:
-            chosen = "; ".join(f"{rows}: " + ", ".join(f"{name} x{count}" for name, count in names.items())
-                               for rows, names in report["kernels"].items())
-            notes.append(f"{side}: kernels chosen per weight shape (products.py): {chosen}")
+            notes.append(f"{side}: {kernels_note(report['kernels'])}")
     if "transformers" not in reports:
         notes.append("transformers: not run")
     rows = table_rows(dtype, metrics["ours"], metrics.get("transformers", {}), roofline)
@@ -860,10 +870,52 @@ def print_results(results: dict, options) -> None:
               + " (a CPU without bfloat16 instructions); the roofline is this machine's memory")
     for dtype_name, entry in results["dtypes"].items():
         print_table(dtype_name, entry["rows"], entry["notes"])
+    for scheme, entry in results["quantized"].items():
+        print_quantized_table(scheme, entry)
     print(f"\nroofline = {results['roofline_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (the best measured bandwidth) / "
           "bytes read per token (all weights but the embedding table, plus the KV cache); for memory rows: "
           f"weights in the dtype + KV cache for {BEAM_WIDTH} x {options.prompt_tokens + options.new_tokens} positions. "
           "RSS rows are net of the process's RSS before loading (interpreter and libraries).")
+
+
+# Quantized (--quantize): ours with int8 or int4 matrices against ours in bfloat16, in the same run.
+# Targets of the quantization issue: decode speed-up over bfloat16, and peak RSS as a share of the
+# bfloat16 checkpoint file.
+QUANTIZE_TARGETS = {"int8": (1.8, 0.6), "int4": (3.0, 0.4)}
+QUANTIZED_ROWS = [("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"),
+                  ("beam_steps_s", "beam-4 steps/s"), ("load_s", "load s (quantizing included)"),
+                  ("peak_rss_mib", "peak RSS MiB")]
+
+
+def kernels_note(kernels: dict) -> str:
+    chosen = "; ".join(f"{rows}: " + ", ".join(f"{name} x{count}" for name, count in names.items())
+                       for rows, names in kernels.items())
+    return f"kernels chosen per weight shape (products.py): {chosen}"
+
+
+def summarise_quantized(scheme: str, report: dict, bfloat16_report: dict, checkpoint_bytes: int, options) -> dict:
+    ours, bfloat16 = derived_metrics(report, options.prompt_tokens), derived_metrics(bfloat16_report, options.prompt_tokens)
+    speed_target, memory_target = QUANTIZE_TARGETS[scheme]
+    rows = []
+    for key, label in QUANTIZED_ROWS:
+        mine, other = ours.get(key), bfloat16.get(key)
+        ratio = mine / other if mine is not None and other else None
+        target = ""
+        if key == "decode_tok_s" and ratio is not None:
+            target = f">={speed_target}x bf16: {VERDICTS[ratio >= speed_target]}"
+        if key == "peak_rss_mib" and mine is not None:
+            share = mine * MIB / checkpoint_bytes
+            target = f"{share:.3f} of the bf16 file, <={memory_target}: {VERDICTS[share <= memory_target]}"
+        rows.append((label, fmt(mine), fmt(other), fmt(ratio), target))
+    notes = [f"ours {scheme} failed: {report['error']}"] if "error" in report else []
+    if "kernels" in report:
+        notes.append(f"ours {scheme}: {kernels_note(report['kernels'])}")
+    return {"report": report, "metrics": ours, "rows": rows, "notes": notes}
+
+
+def print_quantized_table(scheme: str, entry: dict) -> None:
+    header = ("metric", f"ours {scheme}", "ours bfloat16", f"{scheme}/bf16", "target")
+    print_table(f"{scheme} (quantized at load)", entry["rows"], entry["notes"], header)
 
 
 if __name__ == "__main__":

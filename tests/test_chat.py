@@ -139,6 +139,14 @@ def test_script_chats_over_piped_standard_input(tiny_checkpoint):
     assert answers[0] and answers[0] == answers[2]  # after /reset: the first answer again
 
 
+def test_script_chats_by_sampling_and_shows_alternatives(tiny_checkpoint):
+    finished = run_chat(tiny_checkpoint("gqa4"), "Hello\nAgain\n/exit\nnever read\n",
+                        "r.IS_INSTRUCT = True\nr.DECODING = 'sample'\nr.SHOW_ALTERNATIVES = 3")
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.count("[prefilled") == 2  # /exit ended it before the third message
+    assert finished.stdout.count("entropy  alternatives") == 2  # one table per answer
+
+
 @pytest.mark.parametrize("settings, culprit", [
     ("r.IS_INSTRUCT = False", "CHAT = True needs an instruct model"),
     ("r.IS_INSTRUCT = True\nr.DECODING = 'beam'", "DECODING = 'beam' does not chat"),

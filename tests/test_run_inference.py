@@ -549,6 +549,8 @@ def damage_checkpoint(folder: Path, damage: str) -> None:
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "weights that carry code":
         torch.save({"payload": types.SimpleNamespace()}, weights)
+    elif damage == "params of the wrong kind":
+        params.write_text(params.read_text().replace('"use_scaled_rope": false', '"use_scaled_rope": "false"'))
     elif damage == "shapes that disagree":
         params.write_text(params.read_text().replace('"dim": 64', '"dim": 128'))
     elif damage == "damaged tokenizer":
@@ -558,7 +560,7 @@ def damage_checkpoint(folder: Path, damage: str) -> None:
 
 
 DAMAGES = ["no tokenizer", "no weights", "empty weights", "truncated weights", "weights that carry code",
-           "shapes that disagree", "damaged tokenizer", "tokenizer of another model"]
+           "params of the wrong kind", "shapes that disagree", "damaged tokenizer", "tokenizer of another model"]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -572,6 +574,8 @@ def test_a_bad_download_ends_in_one_line_in_both_scripts(tiny_checkpoint, tmp_pa
     assert "Traceback" not in finished.stderr + finished.stdout
     lines = finished.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), finished.stderr
+    if damage == "params of the wrong kind":
+        assert "use_scaled_rope is 'false' in params.json" in lines[0]
     assert folder_snapshot(folder) == before
 
 
