@@ -520,7 +520,8 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
 # next line. /reset starts a new conversation, /exit or the end of input (Ctrl-D) ends it. Ctrl-C
 # during an answer stops it: the history keeps the question and the part of the answer already
 # shown, closed as a finished turn, so the model sees what you saw. Ctrl-C at the prompt ends the
-# session.
+# session. Under torchrun, Ctrl-C during an answer ends the session: the other processes are in the
+# middle of the same step (torchrun itself stops them all on Ctrl-C).
 
 CHAT_PROMPT, CHAT_CONTINUATION = "you> ", "...> "
 
@@ -542,8 +543,14 @@ class Conversation:
 
 
 def read_message(is_main: bool):
-    """Rank 0 reads one message from standard input and every process gets it. None: end of input."""
-    message = read_lines() if is_main else None
+    """Rank 0 reads one message from standard input and every process gets it. None: end of input,
+    or Ctrl-C at the prompt, which every process must hear of to end together."""
+    message = None
+    if is_main:
+        try:
+            message = read_lines()
+        except KeyboardInterrupt:
+            message = None
     if dist.is_initialized() and dist.get_world_size() > 1:
         shared = [message]
         dist.broadcast_object_list(shared, src=0)  # every rank runs every forward pass: all need it
@@ -603,6 +610,8 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
         else:
             answer.extend(token for token, _ in steps)
     except KeyboardInterrupt:
+        if dist.get_world_size() > 1:  # the other processes are in the middle of the same step: end all
+            raise
         print("\n(stopped)")
     seconds = time.perf_counter() - started
     conversation.exchanges.append(user + answer + [tokenizer.eot_id])  # the answer closed as a finished turn
@@ -643,10 +652,7 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
         print(f"chat: one message per line (end a line with \\ to go on on the next), /reset, /exit or "
               f"Ctrl-D to end; the dialog keeps up to CHAT_CONTEXT = {model.args.max_seq_len} tokens\n")
     for turn in itertools.count():
-        try:
-            text = read_message(is_main)
-        except KeyboardInterrupt:  # at the prompt: the end of the session
-            text = None
+        text = read_message(is_main)
         if text is None or text.strip() == "/exit":
             if is_main:
                 print()
@@ -877,11 +883,12 @@ class StepProfile:
     def _start_pass(self, tokens: torch.Tensor):  # tokens: (batch, seq)
         synchronize(self.device)
         now = time.perf_counter()
-        # The previous decode step is complete. It counts unless products.py was still timing its
-        # candidates then (the first steps): the profile shows the kernels it chose, at their speed.
-        if self.step_start is not None and products.CPU_CHOOSER.trials_run == self.trials_at_start:
-            self.steps.append((now - self.step_start, self.seconds, self.bytes_read))
         decoding = tokens.shape[1] == 1  # one new token per sequence; a prefill is not profiled
+        # The previous decode step is complete if this pass is the next one (a prefill comes after a
+        # chat's answer, and the time between holds the user's typing). It counts unless products.py
+        # was still timing its candidates then: the profile shows the kernels it chose, at their speed.
+        if decoding and self.step_start is not None and products.CPU_CHOOSER.trials_run == self.trials_at_start:
+            self.steps.append((now - self.step_start, self.seconds, self.bytes_read))
         self.step_start, self.batch = (now if decoding else None), tokens.shape[0]
         self.seconds, self.bytes_read = {}, {}
         self.trials_at_start = products.CPU_CHOOSER.trials_run
@@ -925,7 +932,8 @@ def part_kernels(model, part: str, rows: int) -> str:
 def print_profile(model, profile: StepProfile, bandwidth: float) -> None:
     rows = profile.summary()
     if not rows:
-        print("profile: no complete decode step to show (generate at least 3 tokens)\n")
+        print("profile: no decode step ran after products.py had chosen its kernels: raise MAX_NEW_TOKENS "
+              "(the first 15 or so steps of a 1B model time the candidates)\n")
         return
     steps = len(profile.steps)
     print(f"where a decode step's time goes ({steps} steps of batch {profile.batch}; this machine's memory "
@@ -1110,6 +1118,9 @@ def run() -> None:
     load_weights(model, files, device, dtype)
     if QUANTIZE:  # 6b. quantize them
         quantize_with_progress(model, QUANTIZE, files.shards, is_main)
+        if device.type != "cpu" and is_main:
+            print(f"(on {device.type} the {QUANTIZE} matrices are dequantized for every product: less memory, "
+                  "but slower than bfloat16 there)")
     if is_main:
         stored = f"{dtype} ({QUANTIZE} matrices)" if QUANTIZE else f"{dtype}"
         print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {stored} on {device}, "

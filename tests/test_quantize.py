@@ -67,6 +67,14 @@ def test_quantization_error_against_bfloat16_is_bounded(tiny_checkpoint, scheme,
         assert ((int8(tokens, start_pos=0) - reference).norm() / reference.norm()).item() < error
 
 
+def test_bfloat16_round_trip_stays_near_half_a_step():
+    """The scales are stored in bfloat16 too; the codes are made for the stored scale."""
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    step = weight.float().abs().amax(dim=1, keepdim=True) / 127
+    error = (Int8Weight.from_float(weight).dequantize(torch.float32) - weight.float()).abs()
+    assert (error <= 0.55 * step).all() and (error <= step / 2 + 1e-6).float().mean() > 0.99
+
+
 def test_round_trip_of_each_weight_is_within_half_a_step():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(64, 128, generator=generator)
@@ -78,7 +86,8 @@ def test_round_trip_of_each_weight_is_within_half_a_step():
     step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
     error = (int4.dequantize(torch.float32).unflatten(1, (-1, GROUP_SIZE)) - groups).abs()
     assert (error <= step / 2 + 1e-6).all()
-    assert int8.nbytes == 64 * 128 + 64 * 4 and int4.nbytes == 64 * 64 + (128 // GROUP_SIZE) * 64 * 2 * 4
+    # int4 on the CPU: the portable codes, the kernel's packing of them, scales and zeros
+    assert int8.nbytes == 64 * 128 + 64 * 4 and int4.nbytes == 2 * 64 * 64 + (128 // GROUP_SIZE) * 64 * 2 * 4
 
 
 def test_a_tied_embedding_and_output_stay_one_matrix(tiny_checkpoint):
@@ -106,10 +115,15 @@ def test_an_unknown_scheme_is_one_line(tiny_checkpoint, options, culprit):
         load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, **options)
 
 
-def test_a_group_size_that_does_not_divide_a_width_is_one_line(tiny_checkpoint):
-    model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16)
-    with pytest.raises(LlamaError, match="int4 group size 48 does not divide the input width 128"):
-        quantize(model, "int4", group_size=48)
+@pytest.mark.parametrize("shape, group_size, culprit", [
+    ("gqa3", 64, "int4 group size 64 does not divide the input width 96"),
+    ("gqa4", 48, "int4 group size 48 is not one of 32, 64, 128, 256"),
+    ("gqa4", 16, "int4 group size 16 is not one of"),
+])
+def test_a_group_size_the_kernel_cannot_take_is_one_line(tiny_checkpoint, shape, group_size, culprit):
+    model, _ = load_llama(tiny_checkpoint(shape), max_seq_len=16)
+    with pytest.raises(LlamaError, match=culprit):
+        quantize(model, "int4", group_size=group_size)
     assert isinstance(model.output.weight, torch.Tensor)  # nothing was changed
 
 

@@ -133,7 +133,7 @@ def _int8_kernel(x, weight):  # x (rows, in) in any float dtype; scales in x's d
 
 
 def _int4_kernel(x, weight):
-    return torch._weight_int4pack_mm_for_cpu(x, weight.cpu_packed(), weight.group_size, weight.scales.to(x.dtype))
+    return torch._weight_int4pack_mm_for_cpu(x, weight.packed, weight.group_size, weight.scales.to(x.dtype))
 
 
 def _dequantized(x, weight):

@@ -6,7 +6,8 @@ zero point per group of 32). The activations stay in the model's dtype; only the
 rounded, once, when they are quantized.
 
 - "int8", symmetric, one scale per output row: w ~ q * scale, q in -127..127, scale = max|row| / 127.
-  A weight moves by at most half a step, scale / 2: about 0.4% of the row's largest weight.
+  A weight moves by half a step, scale / 2, at most (a little more at the row's extremes, since the
+  scale itself is stored in the model's dtype): about 0.4% of the row's largest weight.
 - "int4", asymmetric, groups of GROUP_SIZE inputs in each row: w ~ (q - 8) * scale + zero, q in
   0..15, scale = (max - min) / 15 over the group. Sixteen levels are coarse, so each group gets its
   own range; groups of 32 keep the error several times lower than groups of 64 on a trained model
@@ -30,6 +31,7 @@ from .sharding import release_mapped_pages
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 32  # int4: inputs per scale and zero point
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch._weight_int4pack_mm_for_cpu takes
 # The CPU int4 kernel's packed layout is converted from ours this many rows at a time: the
 # conversion takes 4-byte codes, and a whole output layer of them would be 1 GB.
 INT4_PACK_ROWS = 8192
@@ -81,8 +83,8 @@ class Int8Weight(QuantizedWeight):
         for rows in row_blocks(weight):
             w = weight[rows].to(torch.float32, copy=True)  # (block, in): scratch, the original untouched
             scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (block,)
-            values[rows] = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-            scales[rows] = scale.to(weight.dtype)
+            scales[rows] = scale.to(weight.dtype)  # stored rounded: the codes are made for that scale
+            values[rows] = w.div_(scales[rows].float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return cls(values, scales)
 
     def rows(self, ids, dtype):
@@ -92,8 +94,10 @@ class Int8Weight(QuantizedWeight):
 class Int4Weight(QuantizedWeight):
     """codes (out, in / 2) uint8, two 4-bit codes q per byte (column 2k in the low half, 2k+1 in the
     high), and scales_and_zeros (in / group_size, out, 2): w ~ (q - 8) * scale + zero per group.
-    That layout, the kernel's scales_and_zeros, is what a checkpoint stores; the CPU kernel's own
-    packing of the codes depends on the CPU and is made from it on first use (`cpu_packed`)."""
+    That layout, and the kernel's scales_and_zeros, is what a state dict holds. The CPU kernel's own
+    packing of the codes depends on the CPU, so it is made from them when the weight is made on the
+    CPU (`packed`, not saved): a second copy of the codes there, 1 byte a weight in all, until the
+    kernel can be fed a portable layout."""
 
     kind = "int4"
 
@@ -102,7 +106,8 @@ class Int4Weight(QuantizedWeight):
         self.in_features, self.group_size = codes.shape[1] * 2, group_size
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales_and_zeros)
-        self._cpu_packed = None
+        packed = self.cpu_layout() if codes.device.type == "cpu" else None  # before any product is timed
+        self.register_buffer("packed", packed, persistent=False)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> "Int4Weight":
@@ -112,10 +117,12 @@ class Int4Weight(QuantizedWeight):
         for rows in row_blocks(weight):
             groups = weight[rows].to(torch.float32, copy=True).unflatten(1, (-1, group_size))  # (block, groups, size)
             low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (block, groups)
-            scale = ((high - low) / 15).clamp_(min=torch.finfo(torch.float32).tiny)
+            # scale and zero stored rounded to the model's dtype; the codes are made for those
+            scale = ((high - low) / 15).clamp_(min=torch.finfo(torch.float32).tiny).to(weight.dtype).float()
+            zero = (low + 8 * scale).to(weight.dtype).float()  # (q - 8) * scale + zero = q * scale + low
+            low = zero - 8 * scale
             q = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).flatten(1)
             codes[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # (block, in / 2)
-            zero = low + 8 * scale  # (q - 8) * scale + zero = q * scale + low
             scales_and_zeros[:, rows] = torch.stack((scale, zero), dim=-1).transpose(0, 1).to(weight.dtype)
         return cls(codes, scales_and_zeros, group_size)
 
@@ -130,14 +137,12 @@ class Int4Weight(QuantizedWeight):
         scale, zero = scale.movedim(0, -1)[..., None].to(dtype), zero.movedim(0, -1)[..., None].to(dtype)
         return ((grouped - 8) * scale + zero).flatten(-2)
 
-    def cpu_packed(self) -> torch.Tensor:
-        if self._cpu_packed is None:
-            blocks = []
-            for start in range(0, self.shape[0], INT4_PACK_ROWS):
-                rows = torch.arange(start, min(start + INT4_PACK_ROWS, self.shape[0]))
-                blocks.append(torch._convert_weight_to_int4pack_for_cpu(self.unpacked_codes(rows).int(), 2))
-            self._cpu_packed = torch.cat(blocks)
-        return self._cpu_packed
+    def cpu_layout(self) -> torch.Tensor:
+        blocks = []
+        for start in range(0, self.shape[0], INT4_PACK_ROWS):
+            rows = torch.arange(start, min(start + INT4_PACK_ROWS, self.shape[0]))
+            blocks.append(torch._convert_weight_to_int4pack_for_cpu(self.unpacked_codes(rows).int(), 2))
+        return torch.cat(blocks)
 
 
 def row_blocks(weight: torch.Tensor, block: int = 4096):
@@ -145,16 +150,23 @@ def row_blocks(weight: torch.Tensor, block: int = 4096):
     return [slice(start, start + block) for start in range(0, weight.shape[0], block)]
 
 
-def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE) -> None:
-    """One line for an unknown scheme, or an int4 group size that does not divide every input width."""
+def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE, rows=()) -> None:
+    """One line for an unknown scheme, or an int4 group size that PyTorch's kernel does not take or
+    that does not divide every input width (and int4 needs output rows in multiples of 16)."""
     if scheme not in SCHEMES:
         raise LlamaError(f"unknown quantization {scheme!r}: use None, 'int8' or 'int4'")
-    if scheme == "int4":
-        bad = sorted({width for width in widths if isinstance(group_size, bool) or not isinstance(group_size, int)
-                      or group_size < 2 or group_size % 2 or width % group_size})
-        if bad:
-            raise LlamaError(f"int4 group size {group_size!r} does not divide the input width {bad[0]}: "
-                             f"use an even group size that divides {math.gcd(*bad)}, such as {GROUP_SIZE}")
+    if scheme != "int4":
+        return
+    if group_size not in INT4_GROUP_SIZES or isinstance(group_size, bool):
+        raise LlamaError(f"int4 group size {group_size!r} is not one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                         f"the sizes PyTorch's int4 kernel takes: use {GROUP_SIZE}")
+    bad = sorted({width for width in widths if width % group_size})
+    if bad:
+        raise LlamaError(f"int4 group size {group_size} does not divide the input width {bad[0]}: "
+                         f"use one that divides {math.gcd(*bad)}, or int8")
+    odd = sorted({count for count in rows if count % 16})
+    if odd:
+        raise LlamaError(f"int4 needs matrices of a multiple of 16 rows, and one has {odd[0]}: use int8")
 
 
 def quantized_modules(model: nn.Module) -> list:
@@ -178,7 +190,8 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
     if any(isinstance(module, QuantizedWeight) for module in model.modules()):
         raise LlamaError("the model is already quantized: load the bfloat16 checkpoint to quantize it another way")
     modules = quantized_modules(model)
-    check_scheme(scheme, [module.weight.shape[1] for module in modules], group_size)
+    check_scheme(scheme, [module.weight.shape[1] for module in modules], group_size,
+                 [module.weight.shape[0] for module in modules])
     done = {}  # where an original's numbers lie -> its quantized form: a tied matrix is two parameters
     for count, module in enumerate(modules, start=1):
         weight, where = module.weight, memory_key(module.weight)

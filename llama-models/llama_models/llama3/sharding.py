@@ -122,14 +122,14 @@ def read_shard(path: Path) -> dict:
         raise LlamaError(f"{path} is empty: the download did not finish; download it again")
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as error:  # weights_only met something that is not a tensor
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        raise LlamaError(
-            f"{path} holds Python objects that are not tensors ({found.group(1) if found else 'pickled code'}): "
-            "a Llama checkpoint holds only tensors and loading one never runs code, so this file is not "
-            "loaded; download the checkpoint again from Meta"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as error:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))  # weights_only met a name to call: code, not tensors
+        if found:
+            raise LlamaError(
+                f"{path} holds Python objects that are not tensors ({found.group(1)}): a Llama checkpoint "
+                "holds only tensors and loading one never runs code, so this file is not loaded; download "
+                "the checkpoint again from Meta"
+            ) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LlamaError(
             f"{path} could not be read as PyTorch weights ({reason}): "
