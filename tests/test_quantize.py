@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llama_models.llama3 import LlamaError, load_llama, products
-from llama_models.llama3.quantize import GROUP_SIZE, Int4Weight, Int8Weight, QuantizedWeight, quantize
+from llama_models.llama3.quantize import GROUP_SIZE, Int4Weight, Int8Weight, quantize
 
 SCHEMES = ["int8", "int4"]
 
@@ -20,16 +20,14 @@ def fresh_chooser(monkeypatch):
     monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
 
 
-def dequantized_copy(folder, quantized_model, dtype):
-    """Our model with each matrix replaced by the dequantized form of the quantized model's."""
+def dequantized_copy(folder, scheme: str, dtype):
+    """Our float model with each matrix replaced by its quantized form, dequantized: the numbers the
+    quantized model multiplies by (the same from_float, which is deterministic, as quantize uses)."""
     model, _ = load_llama(folder, dtype=dtype, max_seq_len=64, max_batch_size=3)
-    for name, module in quantized_model.named_modules():
-        if isinstance(getattr(module, "weight", None), QuantizedWeight):
-            target = model.get_submodule(name)
-            del target.weight
-            target.weight = torch.nn.Parameter(module.weight.dequantize(dtype), requires_grad=False)
-    if quantized_model.output.weight is quantized_model.tok_embeddings.weight:
-        model.output.weight = model.tok_embeddings.weight
+    kind = Int8Weight if scheme == "int8" else Int4Weight
+    for module in {id(m): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+                   and m.weight.dim() == 2}.values():
+        module.weight.data = kind.from_float(module.weight.data).dequantize(dtype)
     return model
 
 
@@ -41,7 +39,7 @@ def test_quantized_model_computes_the_float_model_on_dequantized_weights(tiny_ch
     candidate takes turns), decode steps and a batch of 3 rows (beams)."""
     folder = tiny_checkpoint(shape)
     model, _ = load_llama(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=3, quantize=scheme)
-    reference = dequantized_copy(folder, model, torch.float32)
+    reference = dequantized_copy(folder, scheme, torch.float32)
     tokens = torch.randint(0, model.args.vocab_size, (3, 48), generator=torch.Generator().manual_seed(2))
     for candidate in (model, reference):
         assert candidate(tokens[:1, :40], start_pos=0).shape[1] == 40  # warm: trials run on the first calls
@@ -97,13 +95,24 @@ def test_a_tied_embedding_and_output_stay_one_matrix(tiny_checkpoint):
     assert not any(isinstance(parameter, torch.Tensor) and parameter.dim() == 2 for parameter in model.parameters())
 
 
-def test_quantized_weights_follow_the_model_to_another_dtype_and_device(tiny_checkpoint):
+def test_quantized_weights_follow_the_model_to_another_device(tiny_checkpoint):
     """The meta device (shapes, no data) stands in for a GPU: off the CPU a weight is dequantized."""
-    model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="int4")
+    model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="int8")
     model.to("meta")
     assert model.output.weight.device.type == "meta"
     logits = model(torch.tensor([[1, 2, 3]], device="meta"), start_pos=0)
     assert logits.shape == (1, 3, model.args.vocab_size)
+
+
+def test_int4_keeps_only_the_layouts_its_users_need(tiny_checkpoint):
+    """On the CPU: the kernel's packing for products, the portable codes for lookups, both if tied."""
+    untied, _ = load_llama(tiny_checkpoint("gqa3"), max_seq_len=16, quantize="int4")
+    assert untied.output.weight.codes is None and untied.output.weight.packed is not None
+    assert untied.tok_embeddings.weight.codes is not None and untied.tok_embeddings.weight.packed is None
+    tied, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="int4")
+    assert tied.output.weight.codes is not None and tied.output.weight.packed is not None
+    with pytest.raises(LlamaError, match="quantize on the device it runs on"):
+        untied.layers[0].attention.wq.weight.dequantize(torch.float32)
 
 
 @pytest.mark.parametrize("options, culprit", [

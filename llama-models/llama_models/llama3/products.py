@@ -157,6 +157,10 @@ def _is_kind(kind):
     return lambda rows, weight: weight.dtype == kind
 
 
+def _dequantizable(weight):
+    return not isinstance(weight, torch.Tensor) and weight.can_dequantize
+
+
 CPU_KERNELS = (
     Kernel("F.linear", _f_linear, _is_plain),
     Kernel("torch.mv", _matrix_vector, lambda rows, weight: rows == 1 and _is_plain(rows, weight)),
@@ -168,11 +172,10 @@ CPU_KERNELS = (
            lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _is_bfloat16(rows, weight)),
     Kernel("row blocks", _row_blocks, lambda rows, weight: weight.shape[0] >= 4 * ROW_BLOCK and _is_plain(rows, weight)),
     Kernel("int8 kernel", _int8_kernel, _is_kind("int8")),
-    Kernel("int4 kernel", _int4_kernel, _is_kind("int4")),
-    Kernel("dequantized", _dequantized,
-           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(rows, weight)),
+    Kernel("int4 kernel", _int4_kernel, lambda rows, weight: weight.dtype == "int4" and weight.packed is not None),
+    Kernel("dequantized", _dequantized, lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _dequantizable(weight)),
     Kernel("dequantized to float32", _dequantized_float32,
-           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(rows, weight)),
+           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _dequantizable(weight)),
 )
 
 

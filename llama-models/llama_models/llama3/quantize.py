@@ -58,6 +58,13 @@ class QuantizedWeight(nn.Module):
     def nbytes(self) -> int:
         return sum(buffer.nbytes for buffer in self.buffers())
 
+    @property
+    def can_dequantize(self) -> bool:
+        return True
+
+    def keep_only(self, lookups: bool, products: bool) -> None:
+        """Free the layouts that no user of this matrix needs (see Int4Weight)."""
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in)
         return self.rows(torch.arange(self.shape[0], device=self.scales.device), dtype)
 
@@ -96,8 +103,7 @@ class Int4Weight(QuantizedWeight):
     high), and scales_and_zeros (in / group_size, out, 2): w ~ (q - 8) * scale + zero per group.
     That layout, and the kernel's scales_and_zeros, is what a state dict holds. The CPU kernel's own
     packing of the codes depends on the CPU, so it is made from them when the weight is made on the
-    CPU (`packed`, not saved): a second copy of the codes there, 1 byte a weight in all, until the
-    kernel can be fed a portable layout."""
+    CPU (`packed`, not saved); `quantize` then frees whichever of the two its users do not need."""
 
     kind = "int4"
 
@@ -126,7 +132,22 @@ class Int4Weight(QuantizedWeight):
             scales_and_zeros[:, rows] = torch.stack((scale, zero), dim=-1).transpose(0, 1).to(weight.dtype)
         return cls(codes, scales_and_zeros, group_size)
 
+    @property
+    def can_dequantize(self) -> bool:
+        return self.codes is not None
+
+    def keep_only(self, lookups: bool, products: bool) -> None:
+        """On the CPU a matrix that is only multiplied needs only the kernel's packing, and one that
+        is only looked up (an embedding not shared with the output layer) only the codes."""
+        if not products:
+            self.packed = None
+        elif not lookups and self.packed is not None:
+            self.codes = None
+
     def unpacked_codes(self, ids) -> torch.Tensor:  # (..., in) uint8, values 0..15
+        if self.codes is None:
+            raise LlamaError("this int4 matrix was quantized on the CPU and kept only the CPU kernel's layout: "
+                             "quantize on the device it runs on (load_llama(..., device=..., quantize='int4'))")
         codes = self.codes[ids]
         return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
 
@@ -192,7 +213,10 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
     modules = quantized_modules(model)
     check_scheme(scheme, [module.weight.shape[1] for module in modules], group_size,
                  [module.weight.shape[0] for module in modules])
-    done = {}  # where an original's numbers lie -> its quantized form: a tied matrix is two parameters
+    holders = {}  # where an original's numbers lie -> the modules using it: a tied matrix is two parameters
+    for module in modules:
+        holders.setdefault(memory_key(module.weight), []).append(module)
+    done = {}  # where -> the quantized form
     for count, module in enumerate(modules, start=1):
         weight, where = module.weight, memory_key(module.weight)
         quantized = done.get(where)
@@ -201,9 +225,11 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
             done[where] = quantized
         del module.weight  # the parameter
         module.weight = quantized  # a submodule now: its buffers move with model.to()
-        still_used = any(isinstance(other.weight, torch.Tensor) and memory_key(other.weight) == where for other in modules)
-        if not still_used:
+        if all(other.weight is quantized for other in holders[where]):  # the original's last user
             release_mapped_pages(weight, list(shard_paths))
+            users = holders[where]
+            quantized.keep_only(lookups=any(hasattr(user, "num_embeddings") for user in users),
+                                products=any(hasattr(user, "in_features") for user in users))
         del weight
         if progress:
             progress(count, len(modules))
