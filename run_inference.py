@@ -421,6 +421,14 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozense
     return decode_loop(model, prompt_tokens, max_new_tokens, stop_tokens, draw, cached)
 
 
+def decode_steps(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, seed: int = None, cached: int = 0):
+    """Greedy decoding or sampling, as DECODING says, with the settings' temperature, top-p and seed."""
+    if DECODING == "greedy":
+        return greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens, cached)
+    return sample(model, prompt_tokens, max_new_tokens, stop_tokens, TEMPERATURE, TOP_P,
+                  SEED if seed is None else seed, cached)
+
+
 # Beam search keeps the BEAM_WIDTH best partial answers ("beams") instead of one, and at each step
 # extends all of them by every possible token and keeps the best BEAM_WIDTH of the results, ranked by
 # total log-probability. All beams advance together as one batch: row b of the batch (and of every
@@ -597,15 +605,12 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
         print(f"(the dialog outgrew CHAT_CONTEXT = {context} tokens: dropped the {dropped} oldest "
               f"exchange{'s' if dropped > 1 else ''} and prefilled the rest again)")
     prompt, reused = conversation.tokens() + user, conversation.cached
-    if DECODING == "sample":  # a new seed each turn, the same in every process
-        steps = sample(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, TEMPERATURE, TOP_P, SEED + turn, reused)
-    else:
-        steps = greedy_decode(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, reused)
+    # A new seed each turn (the same in every process), else each answer would draw the same numbers.
+    steps = decode_steps(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, seed=SEED + turn, cached=reused)
     answer, started = [], time.perf_counter()
     try:
         if is_main:
-            recorder = recording_alternatives(model, SHOW_ALTERNATIVES) if SHOW_ALTERNATIVES else contextlib.nullcontext()
-            with recorder as alternatives:
+            with alternatives_shown(model) as alternatives:
                 stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives, tokens=answer)
         else:
             answer.extend(token for token, _ in steps)
@@ -697,6 +702,11 @@ def recording_alternatives(model, k: int):
         yield recorded
     finally:
         handle.remove()
+
+
+def alternatives_shown(model):
+    """recording_alternatives(model, SHOW_ALTERNATIVES), or a context that records nothing (None)."""
+    return recording_alternatives(model, SHOW_ALTERNATIVES) if SHOW_ALTERNATIVES else contextlib.nullcontext()
 
 
 def alternatives_text(tokenizer: Tokenizer, alternatives: tuple) -> str:
@@ -1077,16 +1087,12 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
             print(f"\nprompt: {len(prompt)} tokens, {steps} beam steps of width {BEAM_WIDTH} "
                   f"in {finished - started:.2f} s ({steps / (finished - started):.2f} steps/s)")
         return
-    if DECODING == "greedy":
-        steps = greedy_decode(model, prompt, max_new_tokens, stop_tokens)
-    else:
-        steps = sample(model, prompt, max_new_tokens, stop_tokens, TEMPERATURE, TOP_P, SEED)
+    steps = decode_steps(model, prompt, max_new_tokens, stop_tokens)
     if not is_main:  # other ranks take part in every forward pass but print nothing
         for _ in steps:
             pass
         return
-    recorder = recording_alternatives(model, SHOW_ALTERNATIVES) if SHOW_ALTERNATIVES else contextlib.nullcontext()
-    with recorder as alternatives:  # None when SHOW_ALTERNATIVES is 0
+    with alternatives_shown(model) as alternatives:  # None when SHOW_ALTERNATIVES is 0
         tokens, first_token = stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives)
     print_timing(len(prompt), len(tokens), started, first_token, time.perf_counter())
 
