@@ -53,7 +53,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
         resolve_device,
         resolve_dtype,
     )
-    from llama_models.llama3.model import apply_rope
+    from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
     from llama_models.llama3.quantize import SCHEMES, quantize
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
@@ -126,7 +126,8 @@ def check_settings() -> None:
     for name in SWITCH_SETTINGS + ("IS_INSTRUCT",):
         value = settings[name]
         if not isinstance(value, bool) and not (name == "IS_INSTRUCT" and value is None):
-            raise LlamaError(f"{name} = {value!r}: write True or False" + (" (or None)" if name == "IS_INSTRUCT" else ""))
+            or_none = " (or None)" if name == "IS_INSTRUCT" else ""
+            raise LlamaError(f"{name} = {value!r}: write True or False{or_none}")
     for name, may_be_none in TEXT_SETTINGS.items():
         value = settings[name]
         if not isinstance(value, str) and not (may_be_none and value is None):
@@ -934,7 +935,7 @@ def part_kernels(model, part: str, rows: int) -> str:
     """The product kernels a part uses (products.py chose them by timing), e.g. "F.linear (wq, wo)"."""
     users = {}  # kernel name -> the weight names that use it
     for name, module in model.named_modules():
-        if profile_part(name) == part and hasattr(module, "in_features") and hasattr(module, "weight"):  # linear layers
+        if profile_part(name) == part and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             users.setdefault(products.chosen_kernel(rows, module.weight), []).append(name.split(".")[-1])
     return "; ".join(f"{kernel} ({', '.join(dict.fromkeys(names))})" for kernel, names in users.items())
 

@@ -34,7 +34,6 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError, ModelArgs
 from .model import Transformer
-from .quantize import check_scheme
 from .quantize import quantize as quantize_weights
 from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages
 from .tokenizer import Tokenizer
@@ -366,8 +365,6 @@ def load_llama(
     args = ModelArgs.from_json_file(files.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     tokenizer = load_tokenizer(files.tokenizer, args)
     device = init_model_parallel(device)
-    if quantize is not None:  # before anything is read: a bad scheme or group size fails at once
-        check_scheme(quantize, (args.dim, args.n_heads * args.head_dim, args.ffn_hidden_dim))
     model = build_model(args, device, dtype)
     load_weights(model, files, device, dtype)
     if quantize is not None:

@@ -36,9 +36,10 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
 
 Rounding: every candidate multiplies the stored numbers exactly and adds in float32; a bfloat16
 result is rounded to bfloat16 once at the end. (A quantized weight dequantized to bfloat16 is the
-one exception: each weight is rounded to bfloat16 before the product, a relative 2^-9.) What differs is the order of the additions (each
-kernel blocks the sum over `in` its own way), which moves a float32 sum by a few units in its last
-place, and can flip the final bfloat16 rounding of a result by one step. "row blocks" computes each
+one exception: each weight is rounded to bfloat16 before the product, a relative 2^-9.) What
+differs is the order of the additions (each kernel blocks the sum over `in` its own way), which
+moves a float32 sum by a few units in its last place, and can flip the final bfloat16 rounding of
+a result by one step. "row blocks" computes each
 output element with the same kernel over the same whole row as the unblocked product. So a model
 gives the same logits with any choice up to that rounding; two runs whose timings chose differently
 may differ in the last bits.
@@ -48,11 +49,11 @@ layers' weights of the same shape, or on the same one in later steps), and the k
 the candidate with the lowest single time: interference from other processes, or a weight's first
 read from a memory-mapped file, only ever adds time. A candidate whose best of two times is more
 than DROP_FACTOR times the fastest seen stops early: where bfloat16 products are slow, a prompt's
-bfloat16 candidates take several times longer than the float32 copy, and two trials show it. The trials are the model's own products, so
-choosing costs no extra work, only the difference between the slower candidates and the fastest
-during those first products (for Llama 3.2 1B, the first 15 or so decode steps, and part of the
-first prompt). `chosen_kernel(rows, weight)` names what was chosen; run_inference.py's SHOW_PROFILE shows it
-beside the time each part of a decode step takes.
+bfloat16 candidates take several times longer than the float32 copy, and two trials show it. The
+trials are the model's own products, so choosing costs no extra work, only the difference between
+the slower candidates and the fastest during those first products (for Llama 3.2 1B, the first 15
+or so decode steps, and part of the first prompt). `chosen_kernel(rows, weight)` names what was
+chosen; run_inference.py's SHOW_PROFILE shows it beside the time each part of a decode step takes.
 
 A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`
 accepts its weights, so that the same trials pick among them.
@@ -145,6 +146,9 @@ def _dequantized_float32(x, weight):
     return F.linear(x.float(), weight.dequantize(torch.float32)).to(x.dtype)
 
 
+# Which weights and row counts each candidate takes: (rows, weight) -> bool.
+
+
 def _is_plain(rows, weight):
     return isinstance(weight, torch.Tensor)
 
@@ -153,12 +157,16 @@ def _is_bfloat16(rows, weight):
     return weight.dtype == torch.bfloat16
 
 
-def _is_kind(kind):
-    return lambda rows, weight: weight.dtype == kind
+def _is_int8(rows, weight):
+    return weight.dtype == "int8"
 
 
-def _dequantizable(weight):
-    return not isinstance(weight, torch.Tensor) and weight.can_dequantize
+def _is_packed_int4(rows, weight):
+    return weight.dtype == "int4" and weight.packed is not None
+
+
+def _is_dequantizable_prompt(rows, weight):
+    return rows >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(rows, weight) and weight.can_dequantize
 
 
 CPU_KERNELS = (
@@ -170,12 +178,12 @@ CPU_KERNELS = (
            lambda rows, weight: rows == 1 and _is_bfloat16(rows, weight)),
     Kernel("float32 copy", _float32_copy,
            lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _is_bfloat16(rows, weight)),
-    Kernel("row blocks", _row_blocks, lambda rows, weight: weight.shape[0] >= 4 * ROW_BLOCK and _is_plain(rows, weight)),
-    Kernel("int8 kernel", _int8_kernel, _is_kind("int8")),
-    Kernel("int4 kernel", _int4_kernel, lambda rows, weight: weight.dtype == "int4" and weight.packed is not None),
-    Kernel("dequantized", _dequantized, lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _dequantizable(weight)),
-    Kernel("dequantized to float32", _dequantized_float32,
-           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _dequantizable(weight)),
+    Kernel("row blocks", _row_blocks,
+           lambda rows, weight: _is_plain(rows, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
+    Kernel("int8 kernel", _int8_kernel, _is_int8),
+    Kernel("int4 kernel", _int4_kernel, _is_packed_int4),
+    Kernel("dequantized", _dequantized, _is_dequantizable_prompt),
+    Kernel("dequantized to float32", _dequantized_float32, _is_dequantizable_prompt),
 )
 
 

@@ -41,10 +41,12 @@ class QuantizedWeight(nn.Module):
     """A quantized (out, in) matrix: what products.linear and products.embedding dispatch on."""
 
     kind: str  # "int8" or "int4", as in SCHEMES
+    out_features: int
+    in_features: int
 
     @property
     def shape(self) -> tuple:
-        return (self.scales.shape[-2] if self.kind == "int4" else self.scales.shape[0], self.in_features)
+        return (self.out_features, self.in_features)
 
     @property
     def dtype(self) -> str:  # products.py tells kinds of products apart by dtype, shape and rows
@@ -79,7 +81,7 @@ class Int8Weight(QuantizedWeight):
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.in_features = values.shape[1]
+        self.out_features, self.in_features = values.shape
         self.register_buffer("values", values)
         self.register_buffer("scales", scales)  # in the model's dtype, as the CPU kernel takes them
 
@@ -109,7 +111,7 @@ class Int4Weight(QuantizedWeight):
 
     def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
         super().__init__()
-        self.in_features, self.group_size = codes.shape[1] * 2, group_size
+        self.out_features, self.in_features, self.group_size = codes.shape[0], codes.shape[1] * 2, group_size
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales_and_zeros)
         packed = self.cpu_layout() if codes.device.type == "cpu" else None  # before any product is timed
