@@ -58,7 +58,8 @@ def main():
     if len(prompt) + MAX_NEW_TOKENS > context:
         raise LlamaError(f"the prompt ({len(prompt)} tokens) leaves no room to answer in {context}: shorten it")
 
-    # 5. Build the Transformer, its KV cache sized for this prompt and answer
+    # 5. Build the Transformer, its KV cache sized for this prompt and answer. Weights stay bfloat16,
+    # unless the folder was written by `python -m llama_models.quantize` (int8 or int4; run_inference.py, 6b)
     args = dataclasses.replace(params, max_seq_len=len(prompt) + MAX_NEW_TOKENS)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):

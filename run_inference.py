@@ -45,6 +45,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
     from llama_models.llama3.bandwidth import memory_read_bandwidth, synchronize
     from llama_models.llama3.checkpoint import (
         build_model,
+        check_quantize_request,
         end_model_parallel,
         find_checkpoint_files,
         init_model_parallel,
@@ -54,7 +55,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
         resolve_dtype,
     )
     from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
-    from llama_models.llama3.quantize import SCHEMES, quantize
+    from llama_models.llama3.quantize import SCHEMES, pack_for_cpu, quantize
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
              "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
@@ -73,7 +74,7 @@ IS_INSTRUCT = None  # None: an instruct model if "Instruct" is in the model's fo
 
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1" or "mps"
 DTYPE = None  # None: bfloat16 where the device has it, else float16; or "float32", "bfloat16", "float16"
-QUANTIZE = None  # None, "int8" or "int4": store the matrices in 8 or 4 bits (chapter 6b)
+QUANTIZE = None  # None, "int8" or "int4": store the matrices in 8 or 4 bits (chapter 6b; or quantize once)
 
 DECODING = "greedy"  # "greedy", "beam" or "sample"
 MAX_NEW_TOKENS = 128  # stop after this many generated tokens, if no stop token came first
@@ -299,7 +300,13 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # faster. products.py times both on the first products of each kind and keeps the faster.
 #
 # llama_models/llama3/quantize.py quantizes each matrix as it is loaded, frees the bfloat16 original,
-# and keeps the embedding and the output layer one matrix where Llama 3.2 shares them.
+# and keeps the embedding and the output layer one matrix where Llama 3.2 shares them. Quantizing
+# takes time at every start (8B: about a minute), so it can be done once instead:
+#     python -m llama_models.quantize ~/.llama/checkpoints/Llama3.1-8B-Instruct ~/.llama/checkpoints/Llama3.1-8B-Instruct-int4 int4
+# writes a folder whose params.json names the scheme; point MODEL_NAME at it, and its matrices are
+# memory-mapped as they lie in the file, whatever QUANTIZE says (None, or the folder's own scheme).
+# int4's CPU kernel wants the codes in a layout of its own, which depends on the CPU: that layout is
+# made while loading, from the portable one in the file.
 
 
 def quantize_with_progress(model, scheme: str, shard_paths: list, is_main: bool) -> None:
@@ -1107,6 +1114,7 @@ def run() -> None:
 
     device, is_main = start_processes(device)  # 2. start torch.distributed and fairscale
     params = ModelArgs.from_json_file(files.params)  # 3. read params.json
+    check_quantize_request(QUANTIZE, params, files.folder)
 
     tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
     if CHAT:  # the prompts come later, one per turn
@@ -1123,13 +1131,15 @@ def run() -> None:
 
     load_started = time.perf_counter()  # 6. load the weights
     load_weights(model, files, device, dtype)
-    if QUANTIZE:  # 6b. quantize them
+    scheme = (params.quantization or {}).get("scheme") or QUANTIZE  # a quantized folder's own, or ours
+    if QUANTIZE and not params.quantization:  # 6b. quantize them
         quantize_with_progress(model, QUANTIZE, files.shards, is_main)
-        if device.type != "cpu" and is_main:
-            print(f"(on {device.type} the {QUANTIZE} matrices are dequantized for every product: less memory, "
-                  "but slower than bfloat16 there)")
+    pack_for_cpu(model, files.shards)
+    if scheme and device.type != "cpu" and is_main:
+        print(f"(on {device.type} the {scheme} matrices are dequantized for every product: less memory, "
+              "but slower than bfloat16 there)")
     if is_main:
-        stored = f"{dtype} ({QUANTIZE} matrices)" if QUANTIZE else f"{dtype}"
+        stored = f"{dtype} ({scheme} matrices)" if scheme else f"{dtype}"
         print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {stored} on {device}, "
               f"loaded in {time.perf_counter() - load_started:.1f} s\n")
     if not CHAT:

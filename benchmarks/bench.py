@@ -34,7 +34,6 @@ import base64
 import itertools
 import json
 import math
-import mmap
 import os
 import platform
 import shutil
@@ -129,27 +128,16 @@ def fill_random(name: str, tensor: torch.Tensor, generator: torch.Generator) -> 
 
 
 def write_weights(path: Path, shapes: dict, seed: int = 0) -> None:
-    """torch.save a {name: bfloat16 tensor} dict without ever holding it in memory (8B is 16 GB).
+    """torch.save a {name: random bfloat16 tensor} dict without ever holding it in memory (8B is
+    16 GB): the quantize tool's way, each tensor filled in place in the memory-mapped file."""
+    from llama_models.quantize import write_in_place
 
-    First torch.save the dict's structure with empty space where the bytes go (skip_data, from
-    fake tensors that own no memory), then memory-map the file with MAP_SHARED, so that writes land
-    in the file, and fill each tensor in place. Memory use stays at about one tensor; the kernel
-    writes the pages to disk as it needs. The result is an ordinary torch.save file.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    def fill(mapped: dict) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        for name in shapes:  # a fixed order, so the same seed gives the same weights
+            fill_random(name, mapped[name], generator)
 
-    with FakeTensorMode():
-        skeleton = {name: torch.empty(shape, dtype=torch.bfloat16) for name, shape in shapes.items()}
-    with torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save(skeleton, path)
-    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-        mapped = torch.load(path, mmap=True, weights_only=True)
-    generator = torch.Generator().manual_seed(seed)
-    for name in shapes:  # a fixed order, so the same seed gives the same weights
-        fill_random(name, mapped[name], generator)
-    del mapped
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())
+    write_in_place(path, {name: (shape, torch.bfloat16) for name, shape in shapes.items()}, fill)
 
 
 def ensure_meta_checkpoint(cache_dir: Path, shape: str) -> Path:
@@ -531,8 +519,23 @@ def worker_prefills_side_by_side(folder: Path, dtype: torch.dtype, prompt_tokens
     report.save(prefill_s={side: min(side_times) for side, side_times in times.items()}, prefill_times_s=times)
 
 
+def worker_quantize_tool(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
+                         report: Report, quantize: str = None) -> None:
+    """`python -m llama_models.quantize folder folder.parent/<scheme> <scheme>`, timed, with its peak RSS."""
+    from llama_models.quantize import quantize_checkpoint
+
+    report.save(rss_baseline_mib=rss_mib())
+    started = time.perf_counter()
+    quantize_checkpoint(folder, quantized_folder(folder, quantize), quantize)
+    report.save(tool_s=time.perf_counter() - started, peak_rss_mib=peak_rss_mib())
+
+
+def quantized_folder(meta_folder: Path, scheme: str) -> Path:
+    return meta_folder.parent / scheme
+
+
 WORKERS = {"ours": worker_ours, "transformers": worker_transformers,
-           "side_by_side": worker_prefills_side_by_side}
+           "side_by_side": worker_prefills_side_by_side, "quantize_tool": worker_quantize_tool}
 
 
 def run_worker_main(options) -> None:
@@ -795,7 +798,7 @@ def main() -> None:
     # one of the two moments does not lower the roofline.
     before = measure_memory_bandwidth("before")
     reports = {dtype: run_workers(dtype, args, meta_folder, hf_folder, options) for dtype in options.dtypes}
-    quantized = {scheme: run_worker("ours", meta_folder, "bf16", options, scheme) for scheme in options.quantize}
+    quantized = {scheme: run_quantized_workers(meta_folder, scheme, options) for scheme in options.quantize}
     after = measure_memory_bandwidth("after")
     best_bandwidth = max(before, after)
 
@@ -807,13 +810,29 @@ def main() -> None:
                "roofline_bandwidth_bytes_per_s": best_bandwidth,
                "dtypes": {DTYPE_NAMES[d]: summarise(d, reports[d], args, best_bandwidth, options)
                           for d in options.dtypes},
-               "quantized": {scheme: summarise_quantized(scheme, report, reports["bf16"]["ours"], checkpoint_bytes, options)
-                             for scheme, report in quantized.items()}}
+               "quantized": {scheme: summarise_quantized(scheme, runs, reports["bf16"]["ours"], checkpoint_bytes, options)
+                             for scheme, runs in quantized.items()}}
     print_results(results, options)
     if options.json:
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(results, indent=1))
         print(f"wrote {options.json}")
+
+
+def run_quantized_workers(meta_folder: Path, scheme: str, options) -> dict:
+    """Ours quantizing at load; the quantize tool writing a folder; ours loading that folder. The
+    folder is written afresh (its time is one of the results) and removed afterwards."""
+    print(f"\n{scheme}:")
+    runs = {"at_load": run_worker("ours", meta_folder, "bf16", options, scheme)}
+    folder = quantized_folder(meta_folder, scheme)
+    shutil.rmtree(folder, ignore_errors=True)
+    check_free_disk(folder.parent, (meta_folder / "consolidated.00.pth").stat().st_size // 2)
+    runs["tool"] = run_worker("quantize_tool", meta_folder, "bf16", options, scheme)
+    if "error" not in runs["tool"]:
+        runs["from_folder"] = run_worker("ours", folder, "bf16", options)
+        runs["folder_bytes"] = (folder / "consolidated.00.pth").stat().st_size
+    shutil.rmtree(folder, ignore_errors=True)
+    return runs
 
 
 def run_workers(dtype: str, args: ModelArgs, meta_folder: Path, hf_folder, options) -> dict:
@@ -883,8 +902,7 @@ def print_results(results: dict, options) -> None:
 # bfloat16 checkpoint file.
 QUANTIZE_TARGETS = {"int8": (1.8, 0.6), "int4": (3.0, 0.4)}
 QUANTIZED_ROWS = [("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"),
-                  ("beam_steps_s", "beam-4 steps/s"), ("load_s", "load s (quantizing included)"),
-                  ("peak_rss_mib", "peak RSS MiB")]
+                  ("beam_steps_s", "beam-4 steps/s"), ("load_s", "load s"), ("peak_rss_mib", "peak RSS MiB")]
 
 
 def kernels_note(kernels: dict) -> str:
@@ -893,12 +911,17 @@ def kernels_note(kernels: dict) -> str:
     return f"kernels chosen per weight shape (products.py): {chosen}"
 
 
-def summarise_quantized(scheme: str, report: dict, bfloat16_report: dict, checkpoint_bytes: int, options) -> dict:
-    ours, bfloat16 = derived_metrics(report, options.prompt_tokens), derived_metrics(bfloat16_report, options.prompt_tokens)
+def summarise_quantized(scheme: str, runs: dict, bfloat16_report: dict, checkpoint_bytes: int, options) -> dict:
+    """Rows of: quantized at load, loaded from the tool's folder, our bfloat16, and the ratio to
+    bfloat16 with the issue's targets (judged on the folder's run where there is one)."""
+    at_load = derived_metrics(runs["at_load"], options.prompt_tokens)
+    from_folder = derived_metrics(runs.get("from_folder", {}), options.prompt_tokens)
+    bfloat16 = derived_metrics(bfloat16_report, options.prompt_tokens)
     speed_target, memory_target = QUANTIZE_TARGETS[scheme]
     rows = []
     for key, label in QUANTIZED_ROWS:
-        mine, other = ours.get(key), bfloat16.get(key)
+        mine = from_folder.get(key, at_load.get(key))
+        other = bfloat16.get(key)
         ratio = mine / other if mine is not None and other else None
         target = ""
         if key == "decode_tok_s" and ratio is not None:
@@ -906,16 +929,23 @@ def summarise_quantized(scheme: str, report: dict, bfloat16_report: dict, checkp
         if key == "peak_rss_mib" and mine is not None:
             share = mine * MIB / checkpoint_bytes
             target = f"{share:.3f} of the bf16 file, <={memory_target}: {VERDICTS[share <= memory_target]}"
-        rows.append((label, fmt(mine), fmt(other), fmt(ratio), target))
-    notes = [f"ours {scheme} failed: {report['error']}"] if "error" in report else []
-    if "kernels" in report:
-        notes.append(f"ours {scheme}: {kernels_note(report['kernels'])}")
-    return {"report": report, "metrics": ours, "rows": rows, "notes": notes}
+        rows.append((label, fmt(at_load.get(key)), fmt(from_folder.get(key)), fmt(other), fmt(ratio), target))
+    notes = [f"ours {scheme} {run} failed: {runs[run]['error']}" for run in ("at_load", "tool", "from_folder")
+             if "error" in runs.get(run, {})]
+    tool = runs["tool"]
+    if "tool_s" in tool:
+        notes.append(f"python -m llama_models.quantize wrote {runs['folder_bytes'] / GIB:.2f} GiB in {tool['tool_s']:.1f} s, "
+                     f"peak RSS {tool['peak_rss_mib'] - tool['rss_baseline_mib']:.0f} MiB above the interpreter")
+    kernels = runs.get("from_folder", runs["at_load"]).get("kernels")
+    if kernels:
+        notes.append(f"ours {scheme}: {kernels_note(kernels)}")
+    return {"runs": runs, "metrics": from_folder or at_load, "rows": rows, "notes": notes}
 
 
 def print_quantized_table(scheme: str, entry: dict) -> None:
-    header = ("metric", f"ours {scheme}", "ours bfloat16", f"{scheme}/bf16", "target")
-    print_table(f"{scheme} (quantized at load)", entry["rows"], entry["notes"], header)
+    header = ("metric", f"{scheme} at load", f"{scheme} folder", "ours bfloat16", f"{scheme}/bf16", "target")
+    print_table(f"{scheme}: quantized at load, and loaded from the quantize tool's folder", entry["rows"],
+                entry["notes"], header)
 
 
 if __name__ == "__main__":

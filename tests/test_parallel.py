@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from checkpoints import TINY_SHAPES, folder_snapshot, memory_mapped_ranges
+from llama_models import quantize as quantize_tool
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
+from llama_models.llama3.quantize import Int4Weight, Int8Weight
 from llama_models.llama3.sharding import args_for_model_parallel, check_world_size, local_state_dict, valid_world_sizes
 from parallel_worker import N_NEW_TOKENS, PROMPT, greedy_decode
 
@@ -214,6 +216,57 @@ def test_torchrun_four_processes_share_repeated_kv_heads(sharded, one_process_re
     (per_process,) = run_with_torchrun(4, [sharded[1]], tmp_path)  # 2 KV heads in the file, 1 per process
     check_processes_agree_with_one_process(per_process, one_process_result)
     assert all(result["kv_cache_heads"] == 1 for result in per_process)
+
+
+@pytest.fixture(scope="module")
+def quantized(sharded, tmp_path_factory) -> dict:
+    """{scheme: folder}: gqa4 written by the quantize tool."""
+    folders = {}
+    for scheme in ("int8", "int4"):
+        folders[scheme] = tmp_path_factory.mktemp("quantized") / f"gqa4-{scheme}"
+        assert quantize_tool.main([str(sharded[1]), str(folders[scheme]), scheme]) == 0
+    return folders
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_each_process_gets_its_slice_of_every_quantized_matrix(quantized, scheme, world_size):
+    """Dequantized, process r's parts are its slice of the whole dequantized matrix: rows for wq ...
+    (with 4 processes, a repeated KV head each), columns for wo and w2, whose int8 scales (one per
+    output row) every process keeps whole."""
+    folder = quantized[scheme]
+    args = args_for_model_parallel(model_args(folder), world_size)
+    whole = local_state_dict(shard_paths(folder), 0, 1, model_args(folder))
+    for rank in range(world_size):
+        local = local_state_dict(shard_paths(folder), rank, world_size, args)
+        for matrix in ("layers.1.attention.wq.weight", "layers.1.attention.wk.weight", "layers.1.attention.wo.weight",
+                       "layers.1.feed_forward.w2.weight", "tok_embeddings.weight"):
+            expected = slice_of(dequantized(whole, matrix, scheme), matrix, rank, world_size, args)
+            assert torch.equal(dequantized(local, matrix, scheme), expected), (matrix, rank)
+
+
+def dequantized(tensors: dict, matrix: str, scheme: str) -> torch.Tensor:
+    if scheme == "int8":
+        return Int8Weight(tensors[f"{matrix}.values"], tensors[f"{matrix}.scales"]).dequantize(torch.float32)
+    return Int4Weight(tensors[f"{matrix}.codes"], tensors[f"{matrix}.scales_and_zeros"], 32).dequantize(torch.float32)
+
+
+def slice_of(weight: torch.Tensor, matrix: str, rank: int, world_size: int, args: ModelArgs) -> torch.Tensor:
+    """Process `rank`'s part of a whole matrix, from the rules in sharding.py's docstring."""
+    if matrix.endswith(("wo.weight", "w2.weight")):
+        return weight.chunk(world_size, dim=1)[rank]
+    if matrix.endswith("wk.weight") and world_size > weight.shape[0] // args.head_dim:
+        heads = weight.unflatten(0, (-1, args.head_dim))  # (stored heads, head_dim, dim)
+        return heads[rank // (world_size // heads.shape[0])]
+    return weight.chunk(world_size, dim=0)[rank]
+
+
+def test_torchrun_two_processes_run_a_quantized_folder_as_one_process_does(quantized, tmp_path):
+    folders = [quantized["int8"], quantized["int4"]]
+    per_folder = run_with_torchrun(2, folders, tmp_path)
+    for folder, results in zip(folders, per_folder):
+        model, _ = load_llama(folder, dtype=torch.float32, max_seq_len=len(PROMPT) + N_NEW_TOKENS)
+        check_processes_agree_with_one_process(results, greedy_decode(model, PROMPT, N_NEW_TOKENS))
 
 
 def test_run_inference_script_under_torchrun_prints_what_one_process_prints(sharded, tmp_path):

@@ -84,8 +84,12 @@ def test_round_trip_of_each_weight_is_within_half_a_step():
     step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
     error = (int4.dequantize(torch.float32).unflatten(1, (-1, GROUP_SIZE)) - groups).abs()
     assert (error <= step / 2 + 1e-6).all()
-    # int4 on the CPU: the portable codes, the kernel's packing of them, scales and zeros
-    assert int8.nbytes == 64 * 128 + 64 * 4 and int4.nbytes == 2 * 64 * 64 + (128 // GROUP_SIZE) * 64 * 2 * 4
+    # Half a byte per int4 weight, plus a scale and a zero per group: first as the portable codes,
+    # then as the CPU kernel's packing of them, which a matrix that is only multiplied keeps alone.
+    scales_and_zeros = (128 // GROUP_SIZE) * 64 * 2 * 4
+    assert int8.nbytes == 64 * 128 + 64 * 4 and int4.nbytes == 64 * 64 + scales_and_zeros
+    int4.cpu_packed()
+    assert int4.codes is None and int4.nbytes == 64 * 64 + scales_and_zeros
 
 
 def test_a_tied_embedding_and_output_stay_one_matrix(tiny_checkpoint):
@@ -111,7 +115,7 @@ def test_int4_keeps_only_the_layouts_its_users_need(tiny_checkpoint):
     assert untied.tok_embeddings.weight.codes is not None and untied.tok_embeddings.weight.packed is None
     tied, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="int4")
     assert tied.output.weight.codes is not None and tied.output.weight.packed is not None
-    with pytest.raises(LlamaError, match="quantize on the device it runs on"):
+    with pytest.raises(LlamaError, match="load the model on the device it runs on"):
         untied.layers[0].attention.wq.weight.dequantize(torch.float32)
 
 

@@ -29,6 +29,7 @@ import run_inference  # noqa: E402
 from checkpoints import TINY_SHAPES, folder_snapshot  # noqa: E402
 from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
 from tokenizer_files import write_byte_level_tokenizer  # noqa: E402
+from llama_models import quantize as quantize_tool  # noqa: E402
 from llama_models.llama3 import Tokenizer, load_llama  # noqa: E402
 
 MAX_SEQ_LEN = 64  # prompts below are at most 11 tokens, generations at most 12
@@ -426,6 +427,33 @@ def test_run_inference_script_quantizes(tiny_checkpoint, scheme):
     assert_ran_cleanly(finished)
     assert f"quantizing to {scheme}: " in finished.stdout and f"({scheme} matrices)" in finished.stdout
     assert re.search(r"^prompt: \d+ tokens, generated: \d+ tokens$", finished.stdout, re.MULTILINE)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_both_scripts_run_a_folder_the_quantize_tool_wrote(tiny_checkpoint, tmp_path, scheme):
+    """Loaded as it lies, nothing quantized again; the same text as quantizing at load (greedy)."""
+    folder = tmp_path / scheme
+    assert quantize_tool.main([str(tiny_checkpoint("gqa4")), str(folder), scheme]) == 0
+    before = folder_snapshot(folder)
+    settings = "r.MAX_NEW_TOKENS = 6"
+    from_folder = run_python(with_settings(settings), checkpoint=folder)
+    assert_ran_cleanly(from_folder)
+    assert "quantizing" not in from_folder.stdout and f"({scheme} matrices)" in from_folder.stdout
+    at_load = run_python(with_settings(f"{settings}\nr.QUANTIZE = {scheme!r}"), checkpoint=tiny_checkpoint("gqa4"))
+    assert_ran_cleanly(at_load)
+
+    def answer(stdout: str) -> str:
+        return stdout.split("\n\n", 1)[1].split("\nprompt:")[0]
+
+    assert answer(from_folder.stdout) == answer(at_load.stdout)
+    minimal = run_python(["minimal_run_inference.py"], checkpoint=folder)
+    assert_ran_cleanly(minimal)
+    assert re.search(r"^\d+ tokens at [\d.]+ tokens/s$", minimal.stdout, re.MULTILINE)
+    other = "int4" if scheme == "int8" else "int8"
+    refused = run_python(with_settings(f"r.QUANTIZE = {other!r}"), checkpoint=folder)
+    assert refused.returncode != 0 and f"holds {scheme} weights" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert folder_snapshot(folder) == before
 
 
 def test_minimal_run_inference_script_runs(tiny_checkpoint):

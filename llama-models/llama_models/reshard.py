@@ -48,6 +48,9 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
     dst = Path(dst).expanduser()
     check_destination(files.folder, dst)
     args = ModelArgs.from_json_file(files.params)
+    if args.quantization:
+        raise LlamaError(f"{files.folder} is quantized ({args.quantization['scheme']}): torchrun loads it as it is, "
+                         "any process count that fits; or reshard the bfloat16 checkpoint and quantize that")
     check_world_size(args, len(files.shards), n_shards, files.folder)
 
     loaded_args = args_for_model_parallel(args, n_shards)  # what the loader would build for N processes

@@ -35,6 +35,9 @@ class ModelArgs:
     norm_eps: float = 1e-5  # added inside RMSNorm's square root to avoid dividing by zero
     rope_theta: float = 500000.0  # base of the rotary position frequencies
     use_scaled_rope: bool = False  # Llama 3.1+ stretches low frequencies for a 128k context
+    # Only in folders written by `python -m llama_models.quantize`: how the matrices are stored,
+    # {"scheme": "int8"} or {"scheme": "int4", "group_size": 32} (see quantize.py). None: as trained.
+    quantization: Optional[dict] = None
     # --- chosen at run time -----------------------------------------------------------------------
     max_seq_len: int = 2048  # longest prompt + answer the KV cache can hold
     max_batch_size: int = 1  # sequences decoded together (beam search uses one per beam)
@@ -71,6 +74,13 @@ class ModelArgs:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise LlamaError(f"{name} is {value!r} in params.json: it must be a positive number, as in Meta's "
                                  "file; download params.json again or correct it")
+        if self.quantization is not None and not (
+            isinstance(self.quantization, dict) and set(self.quantization) <= {"scheme", "group_size"}
+            and self.quantization.get("scheme") in ("int8", "int4")
+            and type(self.quantization.get("group_size", 32)) is int
+        ):
+            raise LlamaError(f"quantization is {self.quantization!r} in params.json: llama_models.quantize writes "
+                             '{"scheme": "int8"} or {"scheme": "int4", "group_size": 32}; quantize the checkpoint again')
         if not isinstance(self.use_scaled_rope, bool):
             raise LlamaError(f"use_scaled_rope is {self.use_scaled_rope!r} in params.json: it must be true or "
                              "false without quotes; download params.json again or correct it")

@@ -34,7 +34,7 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError, ModelArgs
 from .model import Transformer
-from .quantize import quantize as quantize_weights
+from .quantize import pack_for_cpu, quantize as quantize_weights
 from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages
 from .tokenizer import Tokenizer
 
@@ -274,11 +274,13 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
 
     Quietly fixed: a leftover `rope.freqs` tensor (Llama 2 era files) is dropped, since the model
     computes its own rotation table; Llama 3.2 1B/3B files without `output.weight` reuse the embedding
-    matrix (the two are tied: the same matrix reads tokens in and scores them out).
+    matrix (the two are tied: the same matrix reads tokens in and scores them out; in a quantized
+    folder, `output.weight.values` ... are then the embedding's).
     """
     tensors = {name: t for name, t in state_dict.items() if isinstance(t, torch.Tensor) and name != "rope.freqs"}
-    if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
-        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    if not any(name.startswith("output.weight") for name in tensors):
+        for name in [name for name in tensors if name.startswith("tok_embeddings.weight")]:
+            tensors[name.replace("tok_embeddings", "output", 1)] = tensors[name]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     mismatch_help = "params.json and the weights come from different models; download them together"
     for name, shape in expected.items():
@@ -337,8 +339,8 @@ def convert_one_by_one(tensors: dict, device: torch.device, dtype: torch.dtype, 
     for name in sorted(tensors, key=lambda name: tensors[name].numel(), reverse=True):
         tensor = tensors[name]
         key = same_memory(tensor)
-        if key not in converted:
-            converted[key] = tensor.to(device=device, dtype=dtype)
+        if key not in converted:  # quantized codes are integers: they only move
+            converted[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
             if converted[key] is not tensor:
                 release_mapped_pages(tensor, shard_paths)
         tensors[name] = converted[key]
@@ -357,16 +359,28 @@ def load_llama(
 
     max_seq_len and max_batch_size size the KV cache: choose what you need, not more (the cache
     of 8B at batch 1 takes 128 KiB per token in bfloat16). quantize: None, "int8" or "int4"
-    stores the matrices in 8 or 4 bits (quantize.py), quantized one by one as they are loaded.
+    stores the matrices in 8 or 4 bits (quantize.py), quantized one by one as they are loaded. A
+    folder written by `python -m llama_models.quantize` is quantized already: it loads as it is,
+    with quantize=None or its own scheme.
     """
     files = find_checkpoint_files(ckpt_dir)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     args = ModelArgs.from_json_file(files.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    check_quantize_request(quantize, args, files.folder)
     tokenizer = load_tokenizer(files.tokenizer, args)
     device = init_model_parallel(device)
     model = build_model(args, device, dtype)
     load_weights(model, files, device, dtype)
-    if quantize is not None:
+    if quantize is not None and not args.quantization:
         quantize_weights(model, quantize, shard_paths=files.shards)
+    pack_for_cpu(model, files.shards)  # int4: the CPU kernel's layout, made while loading
     return model, tokenizer
+
+
+def check_quantize_request(quantize: Optional[str], args: ModelArgs, folder: Path) -> None:
+    """A quantized folder cannot be quantized another way: its bfloat16 weights are gone."""
+    stored = (args.quantization or {}).get("scheme")
+    if stored and quantize not in (None, stored):
+        raise LlamaError(f"{folder} holds {stored} weights (written by llama_models.quantize), which cannot become "
+                         f"{quantize}: set QUANTIZE (quantize=) to None or {stored!r}, or use the bfloat16 checkpoint")

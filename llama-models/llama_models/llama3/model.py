@@ -32,6 +32,7 @@ from torch import nn
 
 from .args import LlamaError, ModelArgs
 from .products import embedding, linear
+from .quantize import hold_quantized_weights
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,6 +375,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size)  # gathers every process's vocabulary slice
+        if args.quantization:  # a folder written by `python -m llama_models.quantize`: 8- or 4-bit matrices
+            hold_quantized_weights(self, **args.quantization)
         # A plain attribute, not a buffer: `model.to(torch.bfloat16)` must not round the angles.
         self.rope_cos, self.rope_sin = rope_cos_sin(args)
 

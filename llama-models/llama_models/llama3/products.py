@@ -134,7 +134,8 @@ def _int8_kernel(x, weight):  # x (rows, in) in any float dtype; scales in x's d
 
 
 def _int4_kernel(x, weight):
-    return torch._weight_int4pack_mm_for_cpu(x, weight.packed, weight.group_size, weight.scales.to(x.dtype))
+    packed = weight.cpu_packed()  # made on the first product unless loading made it (quantize.pack_for_cpu)
+    return torch._weight_int4pack_mm_for_cpu(x, packed, weight.group_size, weight.scales_and_zeros.to(x.dtype))
 
 
 def _dequantized(x, weight):
@@ -161,8 +162,8 @@ def _is_int8(rows, weight):
     return weight.dtype == "int8"
 
 
-def _is_packed_int4(rows, weight):
-    return weight.dtype == "int4" and weight.packed is not None
+def _is_int4(rows, weight):
+    return weight.dtype == "int4"
 
 
 def _is_dequantizable_prompt(rows, weight):
@@ -181,7 +182,7 @@ CPU_KERNELS = (
     Kernel("row blocks", _row_blocks,
            lambda rows, weight: _is_plain(rows, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
     Kernel("int8 kernel", _int8_kernel, _is_int8),
-    Kernel("int4 kernel", _int4_kernel, _is_packed_int4),
+    Kernel("int4 kernel", _int4_kernel, _is_int4),
     Kernel("dequantized", _dequantized, _is_dequantizable_prompt),
     Kernel("dequantized to float32", _dequantized_float32, _is_dequantizable_prompt),
 )
@@ -257,7 +258,7 @@ def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
     is the same either way, and a matrix shared with the output layer stays one."""
     if isinstance(weight, torch.Tensor):
         return F.embedding(ids, weight)
-    return weight.rows(ids, weight.scales.dtype)
+    return weight.rows(ids, weight.scales_dtype)
 
 
 def chosen_kernel(rows: int, weight) -> str:

@@ -18,6 +18,12 @@ model shares with its output layer: the shared matrix stays one) by an `Int8Weig
 tensor by tensor, and gives back each bfloat16 original's pages of the memory-mapped file as it goes,
 so memory stays near the quantized size. products.py then picks among the kernels that take each
 kind of weight by timing them, as it does for bfloat16.
+
+A quantized checkpoint (`python -m llama_models.quantize SRC DST int8`) holds the same weights in a
+portable layout: the state dict of a quantized model, so `layers.0.attention.wq.weight.values` and
+`...weight.scales` for int8, `...weight.codes` and `...weight.scales_and_zeros` for int4, with
+params.json saying {"quantization": {"scheme": "int4", "group_size": 32}}. A model built from such
+a params.json holds empty quantized weights (`hold_quantized_weights`) for the file to fill.
 """
 
 import math
@@ -53,8 +59,13 @@ class QuantizedWeight(nn.Module):
         return self.kind
 
     @property
+    def scales_dtype(self) -> torch.dtype:
+        """The model's dtype, in which the scales are stored and the activations computed."""
+        return next(buffer.dtype for buffer in self.buffers() if buffer.is_floating_point())
+
+    @property
     def device(self) -> torch.device:
-        return self.scales.device
+        return next(self.buffers()).device
 
     @property
     def nbytes(self) -> int:
@@ -64,11 +75,8 @@ class QuantizedWeight(nn.Module):
     def can_dequantize(self) -> bool:
         return True
 
-    def keep_only(self, lookups: bool, products: bool) -> None:
-        """Free the layouts that no user of this matrix needs (see Int4Weight)."""
-
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in)
-        return self.rows(torch.arange(self.shape[0], device=self.scales.device), dtype)
+        return self.rows(torch.arange(self.shape[0], device=self.device), dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # ids (...) -> (..., in)
         raise NotImplementedError
@@ -96,6 +104,11 @@ class Int8Weight(QuantizedWeight):
             values[rows] = w.div_(scales[rows].float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return cls(values, scales)
 
+    @classmethod
+    def empty(cls, out: int, width: int, dtype: torch.dtype) -> "Int8Weight":
+        """Shapes only, on the meta device, for a quantized checkpoint to fill."""
+        return cls(torch.empty(out, width, dtype=torch.int8, device="meta"), torch.empty(out, dtype=dtype, device="meta"))
+
     def rows(self, ids, dtype):
         return self.values[ids].to(dtype) * self.scales[ids, None].to(dtype)
 
@@ -103,22 +116,26 @@ class Int8Weight(QuantizedWeight):
 class Int4Weight(QuantizedWeight):
     """codes (out, in / 2) uint8, two 4-bit codes q per byte (column 2k in the low half, 2k+1 in the
     high), and scales_and_zeros (in / group_size, out, 2): w ~ (q - 8) * scale + zero per group.
-    That layout, and the kernel's scales_and_zeros, is what a state dict holds. The CPU kernel's own
-    packing of the codes depends on the CPU, so it is made from them when the weight is made on the
-    CPU (`packed`, not saved); `quantize` then frees whichever of the two its users do not need."""
+    Those two are what a state dict holds, the kernel's scales_and_zeros as it takes them.
+
+    The CPU kernel's own packing of the codes depends on the CPU, so it is made from them here, on
+    the first product or earlier by `pack_for_cpu` (`packed`, not saved). A matrix that is only
+    multiplied then needs only the packing, and lets go of its codes; one that is also looked up
+    (`looked_up`: an embedding, or one shared with the output layer) keeps them.
+    """
 
     kind = "int4"
 
-    def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+    def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, looked_up: bool = False):
         super().__init__()
         self.out_features, self.in_features, self.group_size = codes.shape[0], codes.shape[1] * 2, group_size
+        self.looked_up = looked_up
         self.register_buffer("codes", codes)
-        self.register_buffer("scales", scales_and_zeros)
-        packed = self.cpu_layout() if codes.device.type == "cpu" else None  # before any product is timed
-        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("packed", None, persistent=False)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> "Int4Weight":
+    def from_float(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE, looked_up: bool = False) -> "Int4Weight":
         out, width = weight.shape
         codes = torch.empty(out, width // 2, dtype=torch.uint8, device=weight.device)
         scales_and_zeros = torch.empty(width // group_size, out, 2, dtype=weight.dtype, device=weight.device)
@@ -132,40 +149,61 @@ class Int4Weight(QuantizedWeight):
             q = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).flatten(1)
             codes[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # (block, in / 2)
             scales_and_zeros[:, rows] = torch.stack((scale, zero), dim=-1).transpose(0, 1).to(weight.dtype)
-        return cls(codes, scales_and_zeros, group_size)
+        return cls(codes, scales_and_zeros, group_size, looked_up)
+
+    @classmethod
+    def empty(cls, out: int, width: int, dtype: torch.dtype, group_size: int = GROUP_SIZE,
+              looked_up: bool = False) -> "Int4Weight":
+        """Shapes only, on the meta device, for a quantized checkpoint to fill."""
+        return cls(torch.empty(out, width // 2, dtype=torch.uint8, device="meta"),
+                   torch.empty(width // group_size, out, 2, dtype=dtype, device="meta"), group_size, looked_up)
 
     @property
     def can_dequantize(self) -> bool:
         return self.codes is not None
 
-    def keep_only(self, lookups: bool, products: bool) -> None:
-        """On the CPU a matrix that is only multiplied needs only the kernel's packing, and one that
-        is only looked up (an embedding not shared with the output layer) only the codes."""
-        if not products:
-            self.packed = None
-        elif not lookups and self.packed is not None:
-            self.codes = None
-
     def unpacked_codes(self, ids) -> torch.Tensor:  # (..., in) uint8, values 0..15
         if self.codes is None:
-            raise LlamaError("this int4 matrix was quantized on the CPU and kept only the CPU kernel's layout: "
-                             "quantize on the device it runs on (load_llama(..., device=..., quantize='int4'))")
+            raise LlamaError("this int4 matrix was packed for the CPU's kernel and kept only that layout: load "
+                             "the model on the device it runs on (load_llama(..., device=...))")
         codes = self.codes[ids]
         return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
 
     def rows(self, ids, dtype):
         q = self.unpacked_codes(ids).to(dtype)  # (..., in)
-        scale, zero = self.scales[:, ids, 0], self.scales[:, ids, 1]  # (groups, ...)
+        scale, zero = self.scales_and_zeros[:, ids, 0], self.scales_and_zeros[:, ids, 1]  # (groups, ...)
         grouped = q.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         scale, zero = scale.movedim(0, -1)[..., None].to(dtype), zero.movedim(0, -1)[..., None].to(dtype)
         return ((grouped - 8) * scale + zero).flatten(-2)
 
-    def cpu_layout(self) -> torch.Tensor:
-        blocks = []
-        for start in range(0, self.shape[0], INT4_PACK_ROWS):
-            rows = torch.arange(start, min(start + INT4_PACK_ROWS, self.shape[0]))
-            blocks.append(torch._convert_weight_to_int4pack_for_cpu(self.unpacked_codes(rows).int(), 2))
-        return torch.cat(blocks)
+    def cpu_packed(self, shard_paths: list = ()) -> torch.Tensor:
+        """The codes in the CPU kernel's layout, made on first use. A matrix not `looked_up` then
+        lets go of its codes (and their pages of `shard_paths`, if they were read from a file)."""
+        if self.packed is None:
+            blocks = []
+            for start in range(0, self.shape[0], INT4_PACK_ROWS):
+                rows = torch.arange(start, min(start + INT4_PACK_ROWS, self.shape[0]))
+                blocks.append(torch._convert_weight_to_int4pack_for_cpu(self.unpacked_codes(rows).int(), 2))
+            self.packed = torch.cat(blocks)
+            if not self.looked_up:
+                release_mapped_pages(self.codes, list(shard_paths))
+                self.codes = None
+        return self.packed
+
+
+def quantized(weight: torch.Tensor, scheme: str, group_size: int = GROUP_SIZE, looked_up: bool = False):
+    """The `scheme` form of one float (out, in) matrix."""
+    if scheme == "int8":
+        return Int8Weight.from_float(weight)
+    return Int4Weight.from_float(weight, group_size, looked_up)
+
+
+def empty_quantized(out: int, width: int, dtype: torch.dtype, scheme: str, group_size: int = GROUP_SIZE,
+                    looked_up: bool = False):
+    """An (out, width) `scheme` matrix with scales in `dtype`, of shapes only (the meta device)."""
+    if scheme == "int8":
+        return Int8Weight.empty(out, width, dtype)
+    return Int4Weight.empty(out, width, dtype, group_size, looked_up)
 
 
 def row_blocks(weight: torch.Tensor, block: int = 4096):
@@ -221,17 +259,38 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
     done = {}  # where -> the quantized form
     for count, module in enumerate(modules, start=1):
         weight, where = module.weight, memory_key(module.weight)
-        quantized = done.get(where)
-        if quantized is None:
-            quantized = Int8Weight.from_float(weight) if scheme == "int8" else Int4Weight.from_float(weight, group_size)
-            done[where] = quantized
+        if where not in done:
+            looked_up = any(is_embedding(user) for user in holders[where])
+            done[where] = quantized(weight, scheme, group_size, looked_up)
         del module.weight  # the parameter
-        module.weight = quantized  # a submodule now: its buffers move with model.to()
-        if all(other.weight is quantized for other in holders[where]):  # the original's last user
+        module.weight = done[where]  # a submodule now: its buffers move with model.to()
+        if all(other.weight is done[where] for other in holders[where]):  # the original's last user
             release_mapped_pages(weight, list(shard_paths))
-            users = holders[where]
-            quantized.keep_only(lookups=any(hasattr(user, "num_embeddings") for user in users),
-                                products=any(hasattr(user, "in_features") for user in users))
         del weight
         if progress:
             progress(count, len(modules))
+
+
+def is_embedding(module: nn.Module) -> bool:
+    return hasattr(module, "num_embeddings")
+
+
+def hold_quantized_weights(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE) -> None:
+    """Give every matrix of a freshly built `model` an empty `scheme` weight of its shape, in place
+    of its float placeholder, so that a quantized checkpoint's state dict fits it."""
+    modules = quantized_modules(model)
+    check_scheme(scheme, [module.weight.shape[1] for module in modules], group_size,
+                 [module.weight.shape[0] for module in modules])
+    for module in modules:
+        (out, width), dtype = module.weight.shape, module.weight.dtype
+        del module.weight
+        module.weight = empty_quantized(out, width, dtype, scheme, group_size, looked_up=is_embedding(module))
+
+
+def pack_for_cpu(model: nn.Module, shard_paths: list = ()) -> None:
+    """Make the CPU kernel's layout of every int4 matrix that is multiplied, now rather than on its
+    first product, so that loading takes the time and the codes' pages of `shard_paths` go back."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Int4Weight) and weight.device.type == "cpu" and not is_embedding(module):
+            weight.cpu_packed(shard_paths)

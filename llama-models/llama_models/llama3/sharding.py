@@ -39,6 +39,7 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -58,6 +59,15 @@ SPLIT_DIM = {
     "feed_forward.w2.weight": 1,
 }
 KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
+# A quantized folder (quantize.py) stores each matrix as parts named after it ("...wq.weight.values").
+# Per part, the dimension that holds the matrix's split dimension 0 (rows) or 1 (columns); None: the
+# part is replicated (int8 keeps a scale per output row, and every process has every row of wo, w2).
+QUANTIZED_PART_SPLIT = {
+    "values": {0: 0, 1: 1},  # int8 (out, in)
+    "scales": {0: 0, 1: None},  # int8 (out,)
+    "codes": {0: 0, 1: 1},  # int4 (out, in / 2)
+    "scales_and_zeros": {0: 1, 1: 0},  # int4 (in / group_size, out, 2)
+}
 
 
 def without_layer_prefix(name: str) -> str:
@@ -65,6 +75,23 @@ def without_layer_prefix(name: str) -> str:
     if name.startswith("layers."):
         return name.split(".", 2)[2]
     return name
+
+
+def split_dim(role: str) -> Optional[int]:
+    """The dimension along which the tensor of this role ("attention.wq.weight", or a quantized part
+    "attention.wq.weight.scales") is split across processes, or None if every process has it whole."""
+    if role in SPLIT_DIM:
+        return SPLIT_DIM[role]
+    matrix, _, part = role.rpartition(".")
+    if matrix in SPLIT_DIM and part in QUANTIZED_PART_SPLIT:
+        return QUANTIZED_PART_SPLIT[part][SPLIT_DIM[matrix]]
+    return None
+
+
+def matrix_role(role: str) -> str:
+    """"attention.wk.weight.codes" -> "attention.wk.weight": the matrix a quantized part belongs to."""
+    matrix, _, part = role.rpartition(".")
+    return matrix if part in QUANTIZED_PART_SPLIT else role
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,12 +287,13 @@ def local_state_dict(shard_paths: list[Path], rank: int, world_size: int, args: 
     tensors = {}
     for name in shards.tensor_names(first_shard):
         role = without_layer_prefix(name)
-        if role in KV_WEIGHTS:
-            tensors[name] = kv_heads_for_rank(shards, name, rank, world_size, args)
-        elif role in SPLIT_DIM:
-            tensors[name] = slice_for_rank(shards, name, SPLIT_DIM[role], rank, world_size)
-        else:  # the norms: every shard has a copy. Unknown tensors too; the loader then refuses them.
+        dim = split_dim(role)
+        if dim is None:  # the norms: every shard has a copy. Unknown tensors too; the loader then refuses them.
             tensors[name] = shards.tensor(first_shard, name)
+        elif matrix_role(role) in KV_WEIGHTS:
+            tensors[name] = kv_heads_for_rank(shards, name, dim, rank, world_size, args)
+        else:
+            tensors[name] = slice_for_rank(shards, name, dim, rank, world_size)
     return tensors
 
 
@@ -295,15 +323,17 @@ def slice_for_rank(shards: ShardFiles, name: str, dim: int, rank: int, world_siz
     return compact
 
 
-def kv_heads_for_rank(shards: ShardFiles, name: str, rank: int, world_size: int, args: ModelArgs) -> torch.Tensor:
-    """Process `rank`'s key or value heads; repeated when there are more processes than heads.
+def kv_heads_for_rank(shards: ShardFiles, name: str, dim: int, rank: int, world_size: int,
+                      args: ModelArgs) -> torch.Tensor:
+    """Process `rank`'s key or value heads (their rows, along `dim` of the tensor `name`); repeated
+    when there are more processes than heads.
 
     args.n_kv_heads == N and the files hold fewer heads: each process gets one head, and the N/heads
     processes that share a head are neighbours, so process r gets head r // (N/heads).
     """
     first_shard = rank * len(shards) // world_size
-    stored_heads = shards.tensor(first_shard, name).shape[0] * len(shards) // args.head_dim
+    stored_heads = shards.tensor(first_shard, name).shape[dim] * len(shards) // args.head_dim
     if world_size > stored_heads and args.n_kv_heads == world_size:
-        return slice_for_rank(shards, name, 0, rank // (world_size // stored_heads), stored_heads)
+        return slice_for_rank(shards, name, dim, rank // (world_size // stored_heads), stored_heads)
     # Otherwise a plain row block. If params.json disagrees with the files, the loader's shape check says so.
-    return slice_for_rank(shards, name, 0, rank, world_size)
+    return slice_for_rank(shards, name, dim, rank, world_size)

@@ -1,0 +1,213 @@
+"""Write a quantized copy of a checkpoint: `python -m llama_models.quantize SRC DST int8|int4`.
+
+    python -m llama_models.quantize ~/.llama/checkpoints/Llama3.1-8B-Instruct ~/llama-8b-int4 int4
+
+DST receives consolidated.00.pth with every matrix in 8 or 4 bits (the layout is described in
+llama3/quantize.py), params.json naming the scheme, and tokenizer.model. SRC is only read. Loading
+DST memory-maps the file and uses the numbers where they lie, so nothing is quantized at each start;
+both scripts and load_llama take the folder as it is, and torchrun splits it across processes like
+any checkpoint (the loader cuts each process's slices out of the one file).
+
+Memory stays near one matrix: the file's layout is written first with room for every tensor, then
+the file is memory-mapped for writing and each matrix is quantized straight into its place. A
+checkpoint in several shards (70B) is glued back together one matrix at a time, so each int8 scale
+covers a whole row and each int4 group its whole columns, as with one process.
+"""
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .llama3.args import LlamaError, ModelArgs
+from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model, same_memory
+from .llama3.quantize import GROUP_SIZE, SCHEMES, check_scheme, empty_quantized, quantized
+from .llama3.sharding import ShardFiles, release_mapped_pages, slice_for_rank, split_dim, without_layer_prefix
+from .reshard import check_destination
+
+WEIGHTS_FILE = "consolidated.00.pth"
+
+
+def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GROUP_SIZE,
+                        progress: Optional[Callable[[int, int], None]] = None) -> None:
+    """Write the checkpoint in folder `src`, quantized to `scheme`, into the new folder `dst`.
+    `progress(done, total)` is called after each tensor."""
+    if scheme not in SCHEMES:
+        raise LlamaError(f"unknown scheme {scheme!r}: use int8 or int4")
+    files = find_checkpoint_files(src)
+    dst = Path(dst).expanduser()
+    check_destination(files.folder, dst)
+    args = ModelArgs.from_json_file(files.params)
+    if args.quantization:
+        raise LlamaError(f"{files.folder} is already quantized ({args.quantization['scheme']}, by this tool): "
+                         "quantize the bfloat16 checkpoint it came from")
+    shards = ShardFiles(files.shards)
+    names = whole_tensor_names(shards, args, files.folder)
+    matrices = [name for name in names if split_dim(without_layer_prefix(name)) is not None]
+    shapes = {name: whole_shape(shards, name) for name in names}
+    check_scheme(scheme, [shapes[name][1] for name in matrices], group_size, [shapes[name][0] for name in matrices])
+    layout = quantized_layout(shards, names, matrices, scheme, group_size)
+
+    created = not dst.exists()
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        partial = dst / (WEIGHTS_FILE + ".partial")
+
+        write_in_place(partial, layout, lambda mapped: quantize_into(shards, names, matrices, scheme, group_size,
+                                                                     mapped, [partial], progress))
+        os.replace(partial, dst / WEIGHTS_FILE)
+        shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
+        # Written last, so that an interrupted run leaves a folder the loader refuses as incomplete.
+        write_params(files.params, dst / "params.json", scheme, group_size)
+    except BaseException:  # an error, a full disk or Ctrl-C: leave no half-written folder behind
+        if created:
+            shutil.rmtree(dst, ignore_errors=True)
+        else:
+            for path in dst.iterdir():
+                path.unlink()
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# What the new file holds
+# ------------------------------------------------------------------------------------------------
+
+
+def whole_tensor_names(shards: ShardFiles, args: ModelArgs, folder: Path) -> list[str]:
+    """The tensors to write, checked against params.json as the loader checks them: a tied output
+    layer (absent, or the embedding's own storage, as in Meta's 3.2 1B/3B) is written once, as the
+    embedding."""
+    init_model_parallel(torch.device("cpu"))  # a group of one process: the model is built whole
+    model = build_model(args, torch.device("meta"), torch.bfloat16)  # shapes only
+    stand_ins = {name: torch.empty(whole_shape(shards, name), device="meta") for name in shards.tensor_names(0)}
+    match_checkpoint_to_model(stand_ins, model, folder)  # one line naming any tensor that does not fit
+    names = [name for name in shards.tensor_names(0) if name != "rope.freqs"]
+    if "output.weight" in names and len(shards) == 1 and same_memory(shards.tensor(0, "output.weight")) == same_memory(
+            shards.tensor(0, "tok_embeddings.weight")):
+        names.remove("output.weight")
+    return names
+
+
+def whole_shape(shards: ShardFiles, name: str) -> tuple:
+    """The tensor's shape in one piece: the shards' slices along its split dimension, added up."""
+    shape = list(shards.tensor(0, name).shape)
+    dim = split_dim(without_layer_prefix(name))
+    if dim is not None:
+        shape[dim] *= len(shards)
+    return tuple(shape)
+
+
+def quantized_layout(shards: ShardFiles, names: list, matrices: list, scheme: str, group_size: int) -> dict:
+    """{name: (shape, dtype)} of every tensor the new file holds: each matrix as its quantized parts
+    ("wq.weight.values", ...), the norms as they are."""
+    layout = {}
+    for name in names:
+        dtype = shards.tensor(0, name).dtype
+        if name in matrices:
+            empty = empty_quantized(*whole_shape(shards, name), dtype, scheme, group_size)
+            layout |= {f"{name}.{part}": (tuple(tensor.shape), tensor.dtype) for part, tensor in empty.state_dict().items()}
+        else:
+            layout[name] = (whole_shape(shards, name), dtype)
+    return layout
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def write_in_place(path: Path, layout: dict, fill: Callable[[dict], None]) -> None:
+    """torch.save a {name: tensor} dict of this {name: (shape, dtype)} layout without holding it in
+    memory: first the file's structure with room where each tensor's bytes go (skip_data, from fake
+    tensors that own no memory), then `fill(mapped)` writes into the tensors of the file memory-mapped
+    with MAP_SHARED, so that writes land in the file. The result is an ordinary torch.save file."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        skeleton = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(skeleton, path)
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        mapped = torch.load(path, mmap=True, weights_only=True)
+    fill(mapped)
+    del mapped
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def quantize_into(shards: ShardFiles, names: list, matrices: list, scheme: str, group_size: int, mapped: dict,
+                  written: list, progress) -> None:
+    """Quantize each matrix of `shards` (copy each other tensor) into its place in `mapped`, one at a
+    time, giving back the pages of the source and of the written file (`written`) as it goes."""
+    for count, name in enumerate(names, start=1):
+        dim = split_dim(without_layer_prefix(name))
+        whole = slice_for_rank(shards, name, dim, rank=0, world_size=1) if dim is not None else shards.tensor(0, name)
+        if name in matrices:
+            parts = quantized(whole, scheme, group_size).state_dict()
+            parts = {f"{name}.{part}": tensor for part, tensor in parts.items()}
+        else:
+            parts = {name: whole}
+        for part, tensor in parts.items():
+            mapped[part].copy_(tensor)
+            release_mapped_pages(mapped[part], written)  # on disk or on its way: the page cache holds it
+        shards.release(whole)
+        del whole, parts
+        if progress:
+            progress(count, len(names))
+
+
+def write_params(source: Path, destination: Path, scheme: str, group_size: int) -> None:
+    params = json.loads(source.read_text())
+    arguments = params.get("model", params)  # a few files nest the arguments under "model"
+    arguments["quantization"] = {"scheme": scheme, "group_size": group_size} if scheme == "int4" else {"scheme": scheme}
+    destination.write_text(json.dumps(params))
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_models.quantize",
+        description="Write a copy of a Llama 3.x checkpoint folder with its matrices in 8 or 4 bits.",
+    )
+    parser.add_argument("src", type=Path, help="checkpoint folder to read (never changed)")
+    parser.add_argument("dst", type=Path, help="folder to create (it must not exist, or be empty)")
+    parser.add_argument("scheme", help="int8 (a scale per row) or int4 (a scale and zero per group of inputs)")
+    parser.add_argument("--group-size", type=int, default=GROUP_SIZE, help=f"int4: inputs per group (default {GROUP_SIZE})")
+    options = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        print(f"\rquantizing to {options.scheme}: {done}/{total} tensors, {time.perf_counter() - started:.1f} s",
+              end="\n" if done == total else "", flush=True)
+
+    try:
+        quantize_checkpoint(options.src, options.dst, options.scheme, options.group_size, progress=show)
+    except LlamaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as error:  # a folder we may not write to; a full disk
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: writing {options.dst} failed ({reason}): free some space or choose another folder, "
+              "and run again", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing was left in {options.dst}", file=sys.stderr)
+        return 130
+    size = (options.dst.expanduser() / WEIGHTS_FILE).stat().st_size
+    print(f"wrote {options.dst / WEIGHTS_FILE} ({size / 2**30:.2f} GiB), params.json and tokenizer.model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""python -m llama_models.quantize: a quantized checkpoint folder, written once and loaded as it lies.
+
+The folder must give the model that quantizing at load gives, bit for bit (the same rounding of the
+same bfloat16 weights), from one shard or several; it must name its scheme, and be loaded by
+load_llama, the scripts and the reshard tool's refusal alike. Bad input is refused in one line
+with nothing written.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoints import folder_snapshot
+from llama_models import quantize as tool
+from llama_models import reshard
+from llama_models.llama3 import LlamaError, load_llama
+from llama_models.llama3.quantize import Int4Weight
+
+SCHEMES = ["int8", "int4"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    """quantized("gqa4", "int4") -> the folder the tool wrote (once per module)."""
+    written = {}
+
+    def make(shape: str, scheme: str):
+        if (shape, scheme) not in written:
+            folder = tmp_path_factory.mktemp("quantized") / f"{shape}-{scheme}"
+            assert tool.main([str(tiny_checkpoint(shape)), str(folder), scheme]) == 0
+            written[shape, scheme] = folder
+        return written[shape, scheme]
+
+    return make
+
+
+def logits_of(model) -> torch.Tensor:
+    return model(torch.tensor([[1, 2, 3, 4, 5, 6]]), start_pos=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("shape", ["gqa4", "gqa3"])  # tied output (Llama 3.2) and a separate one
+def test_the_folder_loads_what_quantizing_at_load_gives(tiny_checkpoint, quantized, shape, scheme):
+    source = tiny_checkpoint(shape)
+    before = folder_snapshot(source)
+    folder = quantized(shape, scheme)
+    from_folder, _ = load_llama(folder, max_seq_len=16)
+    at_load, _ = load_llama(source, max_seq_len=16, quantize=scheme)
+    stored, expected = from_folder.state_dict(), at_load.state_dict()
+    for name, tensor in stored.items():  # at load, a tied int4 output also keeps its codes for lookups
+        assert torch.equal(tensor, expected[name]), name
+    assert torch.equal(logits_of(from_folder), logits_of(at_load))
+    assert folder_snapshot(source) == before  # SRC is only read
+    assert (folder / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+    params = json.loads((folder / "params.json").read_text())
+    assert params["quantization"] == ({"scheme": "int8"} if scheme == "int8" else {"scheme": "int4", "group_size": 32})
+
+
+def test_the_file_holds_the_portable_layout_and_a_tied_matrix_once(quantized):
+    tensors = torch.load(quantized("gqa4", "int4") / "consolidated.00.pth", weights_only=True)
+    assert tensors["layers.0.attention.wq.weight.codes"].dtype == torch.uint8
+    assert tensors["layers.0.attention.wq.weight.codes"].shape == (128, 64)  # (out, in / 2)
+    assert tensors["layers.0.attention.wq.weight.scales_and_zeros"].shape == (128 // 32, 128, 2)
+    assert not any(name.startswith("output.") for name in tensors)  # gqa4 ties output to the embedding
+    assert not any(name.endswith(".packed") for name in tensors)  # the CPU kernel's layout is made at load
+    int8 = torch.load(quantized("gqa3", "int8") / "consolidated.00.pth", weights_only=True)
+    assert int8["output.weight.values"].dtype == torch.int8 and int8["output.weight.scales"].dtype == torch.bfloat16
+
+
+def test_int4_from_the_folder_keeps_only_the_layouts_its_users_need(quantized):
+    model, _ = load_llama(quantized("gqa4", "int4"), max_seq_len=16)
+    output, embedding = model.output.weight, model.tok_embeddings.weight
+    assert isinstance(output, Int4Weight) and output.packed is not None and output.codes is None
+    assert embedding.codes is not None and embedding.packed is None
+    # The two share the file's codes; the output layer's packing is the one copy made at load.
+    assert output.nbytes + embedding.nbytes < 2.1 * embedding.nbytes
+
+
+def test_a_folder_in_several_shards_gives_the_same_file(sharded_gqa4, tmp_path):
+    """Each matrix is glued whole before quantizing: scales cover whole rows, as with one shard."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert tool.main([str(sharded_gqa4[1]), str(one), "int8"]) == 0
+    assert tool.main([str(sharded_gqa4[2]), str(two), "int8"]) == 0
+    from_one = torch.load(one / "consolidated.00.pth", weights_only=True)
+    from_two = torch.load(two / "consolidated.00.pth", weights_only=True)
+    assert from_one.keys() == from_two.keys()
+    assert all(torch.equal(from_one[name], from_two[name]) for name in from_one)
+
+
+@pytest.fixture(scope="module")
+def sharded_gqa4(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resharded") / "gqa4-mp2"
+    assert reshard.main([str(tiny_checkpoint("gqa4")), str(folder), "2"]) == 0
+    return {1: tiny_checkpoint("gqa4"), 2: folder}
+
+
+def test_the_folder_runs_in_float32_too(quantized):
+    """The scales are stored in bfloat16 and widen exactly; the int8 codes stay int8."""
+    model, _ = load_llama(quantized("gqa3", "int8"), dtype=torch.float32, max_seq_len=16)
+    assert model.output.weight.values.dtype == torch.int8 and model.output.weight.scales.dtype == torch.float32
+    assert torch.isfinite(logits_of(model)).all()
+
+
+@pytest.mark.parametrize("problem, arguments, culprit", [
+    ("unknown scheme", ["int3"], "unknown scheme 'int3': use int8 or int4"),
+    ("group size not taken", ["int4", "--group-size", "48"], "int4 group size 48 is not one of 32, 64, 128, 256"),
+    ("group size not dividing", ["int4", "--group-size", "64"], "does not divide the input width 96"),
+])
+def test_bad_arguments_are_one_line_and_write_nothing(tiny_checkpoint, tmp_path, capsys, problem, arguments, culprit):
+    source = tiny_checkpoint("gqa3")
+    before = folder_snapshot(source)
+    assert tool.main([str(source), str(tmp_path / "new"), *arguments]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1 and culprit in message
+    assert not (tmp_path / "new").exists() and folder_snapshot(source) == before
+
+
+def test_an_already_quantized_folder_is_refused(quantized, tmp_path, capsys):
+    assert tool.main([str(quantized("gqa4", "int8")), str(tmp_path / "again"), "int4"]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "is already quantized (int8, by this tool)" in message
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("destination", ["inside source", "not empty"])
+def test_a_destination_that_would_overwrite_is_refused(tiny_checkpoint, tmp_path, capsys, destination):
+    source = tiny_checkpoint("gqa4")
+    before = folder_snapshot(source)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    dst = source / "int8" if destination == "inside source" else tmp_path / "busy"
+    assert tool.main([str(source), str(dst), "int8"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert folder_snapshot(source) == before and (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+    assert sorted(path.name for path in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
+def test_an_interrupted_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "quantize_into", interrupted)
+    assert tool.main([str(tiny_checkpoint("gqa4")), str(tmp_path / "new"), "int8"]) == 130
+    assert "interrupted" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_the_tool_runs_as_a_module(tiny_checkpoint, tmp_path):
+    finished = subprocess.run([sys.executable, "-m", "llama_models.quantize", str(tiny_checkpoint("gqa4")),
+                               str(tmp_path / "int4"), "int4"], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert "quantizing to int4: " in finished.stdout and "wrote " in finished.stdout
+    assert (tmp_path / "int4" / "consolidated.00.pth").is_file()
+
+
+def test_load_llama_takes_the_folder_with_its_own_scheme_or_none(quantized):
+    folder = quantized("gqa4", "int4")
+    as_is, _ = load_llama(folder, max_seq_len=16)
+    asked, _ = load_llama(folder, max_seq_len=16, quantize="int4")
+    assert torch.equal(logits_of(as_is), logits_of(asked))
+    with pytest.raises(LlamaError, match=r"holds int4 weights .* cannot become int8: set QUANTIZE \(quantize=\) to None"):
+        load_llama(folder, max_seq_len=16, quantize="int8")
+
+
+def test_reshard_refuses_a_quantized_folder(quantized, tmp_path):
+    with pytest.raises(LlamaError, match=r"is quantized \(int8\): torchrun loads it as it is"):
+        reshard.reshard(quantized("gqa4", "int8"), tmp_path / "mp2", 2)
+
+
+@pytest.mark.parametrize("quantization", [{"scheme": "int3"}, "int8", {"scheme": "int4", "group_size": "32"},
+                                          {"scheme": "int8", "bits": 8}])
+def test_an_odd_quantization_in_params_is_one_line(quantized, tmp_path, quantization):
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    for path in quantized("gqa4", "int8").iterdir():
+        (folder / path.name).symlink_to(path)
+    params = json.loads((folder / "params.json").read_text()) | {"quantization": quantization}
+    (folder / "params.json").unlink()
+    (folder / "params.json").write_text(json.dumps(params))
+    with pytest.raises(LlamaError, match="quantization is .* in params.json: llama_models.quantize writes"):
+        load_llama(folder, max_seq_len=16)
