@@ -558,7 +558,8 @@ def run_worker(worker: str, folder: Path, dtype: str, options, scheme: str = Non
                    "--dtype", dtype, "--prompt-tokens", str(options.prompt_tokens),
                    "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats), "--result", str(result)]
         command += ["--scheme", scheme] if scheme else []
-        print(f"  {worker:<12} {scheme or DTYPE_NAMES[dtype]} ...", end="", flush=True)
+        what = scheme or (f"{folder.name} folder" if folder.name in QUANTIZE_TARGETS else DTYPE_NAMES[dtype])
+        print(f"  {worker:<13} {what} ...", end="", flush=True)
         read_into_page_cache(folder)
         started = time.perf_counter()
         environment = {**os.environ, **(AVX2_ENVIRONMENT if options.emulate_avx2 else {})}

@@ -169,6 +169,13 @@ class Int4Weight(QuantizedWeight):
         codes = self.codes[ids]
         return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
 
+    def int32_codes(self, rows: slice) -> torch.Tensor:  # (rows, in) int32, values 0..15, as the kernel's packing takes them
+        codes = self.codes[rows]  # a view
+        q = torch.empty(codes.shape[0], self.in_features, dtype=torch.int32)
+        torch.bitwise_and(codes, 15, out=q[:, 0::2])  # written straight into the wider type
+        torch.bitwise_right_shift(codes, 4, out=q[:, 1::2])
+        return q
+
     def rows(self, ids, dtype):
         q = self.unpacked_codes(ids).to(dtype)  # (..., in)
         scale, zero = self.scales_and_zeros[:, ids, 0], self.scales_and_zeros[:, ids, 1]  # (groups, ...)
@@ -180,11 +187,9 @@ class Int4Weight(QuantizedWeight):
         """The codes in the CPU kernel's layout, made on first use. A matrix not `looked_up` then
         lets go of its codes (and their pages of `shard_paths`, if they were read from a file)."""
         if self.packed is None:
-            blocks = []
-            for start in range(0, self.shape[0], INT4_PACK_ROWS):
-                rows = torch.arange(start, min(start + INT4_PACK_ROWS, self.shape[0]))
-                blocks.append(torch._convert_weight_to_int4pack_for_cpu(self.unpacked_codes(rows).int(), 2))
-            self.packed = torch.cat(blocks)
+            blocks = [torch._convert_weight_to_int4pack_for_cpu(self.int32_codes(rows), 2) for rows in
+                      row_blocks(self.shape[0], INT4_PACK_ROWS)]
+            self.packed = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             if not self.looked_up:
                 release_mapped_pages(self.codes, list(shard_paths))
                 self.codes = None
@@ -206,9 +211,10 @@ def empty_quantized(out: int, width: int, dtype: torch.dtype, scheme: str, group
     return Int4Weight.empty(out, width, dtype, group_size, looked_up)
 
 
-def row_blocks(weight: torch.Tensor, block: int = 4096):
-    """Slices of a matrix's rows: quantizing block by block keeps the float32 scratch small."""
-    return [slice(start, start + block) for start in range(0, weight.shape[0], block)]
+def row_blocks(weight_or_rows, block: int = 4096):
+    """Slices of a matrix's rows (or of this many rows): working block by block keeps scratch small."""
+    rows = weight_or_rows if isinstance(weight_or_rows, int) else weight_or_rows.shape[0]
+    return [slice(start, start + block) for start in range(0, rows, block)]
 
 
 def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE, rows=()) -> None:
@@ -266,6 +272,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
         module.weight = done[where]  # a submodule now: its buffers move with model.to()
         if all(other.weight is done[where] for other in holders[where]):  # the original's last user
             release_mapped_pages(weight, list(shard_paths))
+            pack_for_cpu(holders[where])  # int4: now, so that no matrix holds both layouts for long
         del weight
         if progress:
             progress(count, len(modules))
@@ -287,10 +294,11 @@ def hold_quantized_weights(model: nn.Module, scheme: str, group_size: int = GROU
         module.weight = empty_quantized(out, width, dtype, scheme, group_size, looked_up=is_embedding(module))
 
 
-def pack_for_cpu(model: nn.Module, shard_paths: list = ()) -> None:
+def pack_for_cpu(model_or_modules, shard_paths: list = ()) -> None:
     """Make the CPU kernel's layout of every int4 matrix that is multiplied, now rather than on its
     first product, so that loading takes the time and the codes' pages of `shard_paths` go back."""
-    for module in model.modules():
+    modules = model_or_modules.modules() if isinstance(model_or_modules, nn.Module) else model_or_modules
+    for module in modules:
         weight = getattr(module, "weight", None)
         if isinstance(weight, Int4Weight) and weight.device.type == "cpu" and not is_embedding(module):
             weight.cpu_packed(shard_paths)
