@@ -144,3 +144,23 @@ def test_an_already_quantized_model_is_refused(tiny_checkpoint):
     model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="int8")
     with pytest.raises(LlamaError, match="already quantized"):
         quantize(model, "int4")
+
+
+@pytest.mark.parametrize("rows, width", [(64, 64), (96, 128), (8192 + 64, 256)])
+def test_int4_packing_for_the_cpu_equals_the_kernels_own_conversion(rows, width):
+    """Our byte reshuffle (where cpu_int4_layout recognised the kernel's layout) or the kernel's
+    conversion (elsewhere, and for rows that are not a whole number of its blocks): the same bytes.
+    8192 + 64 rows are packed in two row blocks."""
+    weight = Int4Weight.from_float(torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)))
+    expected = torch._convert_weight_to_int4pack_for_cpu(weight.int32_codes(slice(0, rows)), 2)
+    assert torch.equal(weight.cpu_packed().flatten(), expected.flatten())
+
+
+def test_without_a_recognised_layout_the_kernel_packs(monkeypatch):
+    from llama_models.llama3 import quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "cpu_int4_layout", lambda: None)
+    weight = Int4Weight.from_float(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(3, 64)
+    expected = x @ weight.dequantize(torch.float32).T  # before the product: packing lets go of the codes
+    assert torch.allclose(products.linear(x, weight), expected, atol=1e-4) and weight.codes is None

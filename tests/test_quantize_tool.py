@@ -181,3 +181,16 @@ def test_an_odd_quantization_in_params_is_one_line(quantized, tmp_path, quantiza
     (folder / "params.json").write_text(json.dumps(params))
     with pytest.raises(LlamaError, match="quantization is .* in params.json: llama_models.quantize writes"):
         load_llama(folder, max_seq_len=16)
+
+
+def test_a_new_name_without_instruct_gets_a_note(tiny_checkpoint, tmp_path, capsys):
+    """run_inference.py picks the chat format by the folder's name: a copy named without it would
+    silently get the plain-text prompt."""
+    instruct = tmp_path / "Tiny-Instruct"
+    instruct.mkdir()
+    for path in tiny_checkpoint("gqa4").iterdir():
+        (instruct / path.name).symlink_to(path)
+    assert tool.main([str(instruct), str(tmp_path / "tiny-int8"), "int8"]) == 0
+    assert "note: run_inference.py uses the chat format" in capsys.readouterr().out
+    assert tool.main([str(instruct), str(tmp_path / "Tiny-Instruct-int8"), "int8"]) == 0
+    assert "note:" not in capsys.readouterr().out

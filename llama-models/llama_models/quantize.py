@@ -89,10 +89,15 @@ def whole_tensor_names(shards: ShardFiles, args: ModelArgs, folder: Path) -> lis
     stand_ins = {name: torch.empty(whole_shape(shards, name), device="meta") for name in shards.tensor_names(0)}
     match_checkpoint_to_model(stand_ins, model, folder)  # one line naming any tensor that does not fit
     names = [name for name in shards.tensor_names(0) if name != "rope.freqs"]
-    if "output.weight" in names and len(shards) == 1 and same_memory(shards.tensor(0, "output.weight")) == same_memory(
-            shards.tensor(0, "tok_embeddings.weight")):
+    if "output.weight" in names and output_is_the_embedding(shards):
         names.remove("output.weight")
     return names
+
+
+def output_is_the_embedding(shards: ShardFiles) -> bool:
+    """Is output.weight stored as the embedding's own numbers (one tensor saved under two names)?"""
+    return len(shards) == 1 and same_memory(shards.tensor(0, "output.weight")) == same_memory(
+        shards.tensor(0, "tok_embeddings.weight"))
 
 
 def whole_shape(shards: ShardFiles, name: str) -> tuple:
@@ -187,9 +192,10 @@ def main(argv: list = None) -> int:
     options = parser.parse_args(argv)
     started = time.perf_counter()
 
-    def show(done: int, total: int) -> None:
-        print(f"\rquantizing to {options.scheme}: {done}/{total} tensors, {time.perf_counter() - started:.1f} s",
-              end="\n" if done == total else "", flush=True)
+    def show(done: int, total: int) -> None:  # a line that counts up on a terminal; only its end in a file
+        if done == total or sys.stdout.isatty():
+            print(f"\rquantizing to {options.scheme}: {done}/{total} tensors, {time.perf_counter() - started:.1f} s",
+                  end="\n" if done == total else "", flush=True)
 
     try:
         quantize_checkpoint(options.src, options.dst, options.scheme, options.group_size, progress=show)
@@ -206,6 +212,9 @@ def main(argv: list = None) -> int:
         return 130
     size = (options.dst.expanduser() / WEIGHTS_FILE).stat().st_size
     print(f"wrote {options.dst / WEIGHTS_FILE} ({size / 2**30:.2f} GiB), params.json and tokenizer.model")
+    if "instruct" in find_checkpoint_files(options.src).model_name.lower() and "instruct" not in options.dst.name.lower():
+        print(f"note: run_inference.py uses the chat format when a folder's name says Instruct, and {options.dst.name} "
+              "does not: rename it (e.g. Llama3.2-1B-Instruct-int4) or set IS_INSTRUCT = True")
     return 0
 
 

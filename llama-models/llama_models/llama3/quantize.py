@@ -26,6 +26,7 @@ params.json saying {"quantization": {"scheme": "int4", "group_size": 32}}. A mod
 a params.json holds empty quantized weights (`hold_quantized_weights`) for the file to fill.
 """
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -187,13 +188,57 @@ class Int4Weight(QuantizedWeight):
         """The codes in the CPU kernel's layout, made on first use. A matrix not `looked_up` then
         lets go of its codes (and their pages of `shard_paths`, if they were read from a file)."""
         if self.packed is None:
-            blocks = [torch._convert_weight_to_int4pack_for_cpu(self.int32_codes(rows), 2) for rows in
-                      row_blocks(self.shape[0], INT4_PACK_ROWS)]
+            layout = cpu_int4_layout()
+            if layout is not None and self.shape[0] % layout[0] == 0:
+                pack = lambda rows: pack_int4_rows(self.codes[rows], *layout)  # noqa: E731
+            else:  # a last block of fewer rows has a layout of its own: the kernel's conversion makes it
+                pack = lambda rows: torch._convert_weight_to_int4pack_for_cpu(self.int32_codes(rows), 2)  # noqa: E731
+            blocks = [pack(rows) for rows in row_blocks(self.shape[0], INT4_PACK_ROWS)]
             self.packed = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             if not self.looked_up:
                 release_mapped_pages(self.codes, list(shard_paths))
                 self.codes = None
         return self.packed
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU int4 kernel's layout, made quickly
+# ------------------------------------------------------------------------------------------------
+# torch._convert_weight_to_int4pack_for_cpu wants one int32 per weight, and converting to that and
+# back takes most of an int4 folder's loading (8B: about 25 s on a 2-core AVX2 EPYC). The layout it
+# makes is simple (PyTorch's aten/src/ATen/native/cpu/int4mm_kernel.cpp): the rows in blocks of B
+# (four float32 vector widths: 32 with AVX2, 64 with AVX-512), and for each input k, B/2 bytes, byte
+# j holding two codes of the block, low nibble first: those of rows j and j + B/2 where the kernel
+# is vectorized, of rows 2j and 2j + 1 where not. That is a reshuffle of our bytes, which
+# `pack_int4_rows` does in a few byte-wide operations. Which reshuffle this PyTorch uses on this CPU
+# is not assumed: `cpu_int4_layout` packs a probe both ways and compares with the kernel's own
+# conversion, once per process; if neither matches, the kernel's conversion does all the packing.
+
+INT4_LAYOUTS = ((32, "halves"), (64, "halves"), (32, "pairs"))  # (B, which rows share a byte)
+
+
+def pack_int4_rows(codes: torch.Tensor, block: int, pairing: str) -> torch.Tensor:
+    """codes (n, in / 2) in our layout -> (n, in / 2) bytes in the kernel's, for n a multiple of block."""
+    n, half = codes.shape
+    q = torch.empty(n, half, 2, dtype=torch.uint8)  # one code per byte, in input order
+    torch.bitwise_and(codes, 15, out=q[..., 0])
+    torch.bitwise_right_shift(codes, 4, out=q[..., 1])
+    q = q.view(n // block, block, 2 * half)  # (blocks, rows of a block, in)
+    low, high = (q[:, : block // 2], q[:, block // 2 :]) if pairing == "halves" else (q[:, 0::2], q[:, 1::2])
+    packed = (high << 4).bitwise_or_(low)  # (blocks, block / 2, in)
+    return packed.transpose(1, 2).reshape(n, half)  # (blocks, in, block / 2): input by input
+
+
+@functools.cache
+def cpu_int4_layout() -> Optional[tuple]:
+    """The entry of INT4_LAYOUTS that gives what PyTorch's conversion gives here, or None."""
+    probe = torch.randint(0, 256, (128, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    int32_codes = torch.stack((probe & 15, probe >> 4), dim=-1).flatten(-2).int()  # (128, 64)
+    expected = torch._convert_weight_to_int4pack_for_cpu(int32_codes, 2)
+    for layout in INT4_LAYOUTS:
+        if torch.equal(pack_int4_rows(probe, *layout).flatten(), expected.flatten()):
+            return layout
+    return None
 
 
 def quantized(weight: torch.Tensor, scheme: str, group_size: int = GROUP_SIZE, looked_up: bool = False):
