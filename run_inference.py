@@ -55,7 +55,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
         resolve_dtype,
     )
     from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
-    from llama_models.llama3.quantize import SCHEMES, pack_for_cpu, quantize
+    from llama_models.llama3.quantize import SCHEMES, QuantizedWeight, pack_for_cpu, quantize
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
              "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
@@ -74,7 +74,7 @@ IS_INSTRUCT = None  # None: an instruct model if "Instruct" is in the model's fo
 
 DEVICE = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1" or "mps"
 DTYPE = None  # None: bfloat16 where the device has it, else float16; or "float32", "bfloat16", "float16"
-QUANTIZE = None  # None, "int8" or "int4": store the matrices in 8 or 4 bits (chapter 6b; or quantize once)
+QUANTIZE = None  # None; "int8" or "int4": the matrices in 8 or 4 bits; "fp16": packed for fbgemm (chapter 6b)
 
 DECODING = "greedy"  # "greedy", "beam" or "sample"
 MAX_NEW_TOKENS = 128  # stop after this many generated tokens, if no stop token came first
@@ -136,7 +136,7 @@ def check_settings() -> None:
     if DECODING not in ("greedy", "beam", "sample"):
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
     if QUANTIZE not in (None, *SCHEMES):
-        raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, 'int8' or 'int4'")
+        raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, 'int8', 'int4' or 'fp16'")
 
 # ================================================================================================
 # 2. Start torch.distributed and fairscale
@@ -279,7 +279,7 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 
 
 # ================================================================================================
-# 6b. Quantize the weights (QUANTIZE = "int8" or "int4")
+# 6b. Quantize the weights (QUANTIZE = "int8", "int4" or "fp16")
 # ================================================================================================
 # A decode step reads every weight once, so it takes as long as the memory needs to deliver them:
 # bytes per weight decide the speed. bfloat16 stores 2 bytes a weight. int8 stores 1, plus one
@@ -307,6 +307,17 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # memory-mapped as they lie in the file, whatever QUANTIZE says (None, or the folder's own scheme).
 # int4's CPU kernel wants the codes in a layout of its own, which depends on the CPU: that layout is
 # made while loading, from the portable one in the file.
+#
+# "fp16" rounds nothing away: float16 holds every bfloat16 weight of a Llama exactly (its 11
+# significant bits include bfloat16's 8) unless it is below 6e-5 in magnitude, and those move by
+# less than 6e-8. It is about speed on CPUs without bfloat16 arithmetic (most laptops before 2023),
+# where every bfloat16 kernel converts each weight as it multiplies, at a few billion a second per
+# core. PyTorch's fbgemm library has a half-precision product that streams float16 weights at the
+# memory's pace, for one row, four (beams) or a prompt's worth, once each matrix is packed in its
+# own layout. That packing takes a fraction of a second per large matrix at every load (Llama 3.2
+# 1B: about 13 s on 2 cores) and cannot be saved, so it pays off over a long generation or a chat.
+# The embedding is not packed: a lookup reads a few of its rows. products.py still times fbgemm's
+# product against the others and keeps the fastest, as for every kind of weight.
 
 
 def quantize_with_progress(model, scheme: str, shard_paths: list, is_main: bool) -> None:
@@ -779,14 +790,18 @@ def memory_report(model) -> dict:
     """Bytes of the weights by part (a tensor shared by two parts is counted once) and of the KV cache."""
     parts = {"embedding": 0, "attention": 0, "feed-forward": 0, "norms": 0, "output": 0}
     counted = set()  # data pointers already counted: the tied output of Llama 3.2 1B/3B is the embedding
-    stored = itertools.chain(model.named_parameters(remove_duplicate=False),  # quantized weights are buffers
-                             ((name, buffer) for name, buffer in model.named_buffers(remove_duplicate=False)
-                              if ".weight." in name))
-    for name, weight in stored:
-        if weight.data_ptr() in counted:
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            pieces = [(weight.data_ptr(), weight.nbytes)]
+        elif isinstance(weight, QuantizedWeight):  # its buffers, or fbgemm's packing
+            pieces = weight.stored_pieces()
+        else:
             continue
-        counted.add(weight.data_ptr())
-        parts[weight_part(name)] += weight.nbytes
+        for where, size in pieces:
+            if where not in counted:
+                counted.add(where)
+                parts[weight_part(name + ".weight")] += size
     attention = model.layers[0].attention
     cache = attention.cache_k
     return {

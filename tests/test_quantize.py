@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from llama_models.llama3 import LlamaError, load_llama, products
-from llama_models.llama3.quantize import GROUP_SIZE, Int4Weight, Int8Weight, quantize
+from llama_models.llama3.quantize import GROUP_SIZE, Float16Weight, Int4Weight, Int8Weight, fbgemm_available, quantize
 
-SCHEMES = ["int8", "int4"]
+SCHEMES = ["int8", "int4", pytest.param("fp16", marks=pytest.mark.skipif(
+    not fbgemm_available(), reason="fp16 packs for fbgemm, which only x86 builds of PyTorch have"))]
+KINDS = {"int8": Int8Weight, "int4": Int4Weight, "fp16": Float16Weight}
 
 
 @pytest.fixture
@@ -24,10 +26,11 @@ def dequantized_copy(folder, scheme: str, dtype):
     """Our float model with each matrix replaced by its quantized form, dequantized: the numbers the
     quantized model multiplies by (the same from_float, which is deterministic, as quantize uses)."""
     model, _ = load_llama(folder, dtype=dtype, max_seq_len=64, max_batch_size=3)
-    kind = Int8Weight if scheme == "int8" else Int4Weight
     for module in {id(m): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
                    and m.weight.dim() == 2}.values():
-        module.weight.data = kind.from_float(module.weight.data).dequantize(dtype)
+        if scheme == "fp16" and hasattr(module, "num_embeddings"):
+            continue  # fp16 packs only what is multiplied; the embedding stays as it was
+        module.weight.data = KINDS[scheme].from_float(module.weight.data).dequantize(dtype)
     return model
 
 
@@ -121,7 +124,7 @@ def test_int4_keeps_only_the_layouts_its_users_need(tiny_checkpoint):
 
 @pytest.mark.parametrize("options, culprit", [
     (dict(quantize="int3"), "unknown quantization 'int3'"),
-    (dict(quantize="fp8"), "use None, 'int8' or 'int4'"),
+    (dict(quantize="fp8"), "use None, 'int8', 'int4' or 'fp16'"),
 ])
 def test_an_unknown_scheme_is_one_line(tiny_checkpoint, options, culprit):
     with pytest.raises(LlamaError, match=culprit):
@@ -164,3 +167,24 @@ def test_without_a_recognised_layout_the_kernel_packs(monkeypatch):
     x = torch.randn(3, 64)
     expected = x @ weight.dequantize(torch.float32).T  # before the product: packing lets go of the codes
     assert torch.allclose(products.linear(x, weight), expected, atol=1e-4) and weight.codes is None
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="fp16 packs for fbgemm, which only x86 builds of PyTorch have")
+def test_fp16_holds_the_bfloat16_weights_exactly_and_packs_only_the_products(tiny_checkpoint):
+    """Unpacked, a weight in float16's normal range (from 2^-14, about 6.1e-5) comes back bit for bit,
+    a smaller one within half of float16's smallest step, 2^-25; the embedding (tied to the output
+    layer in gqa4) stays the bfloat16 tensor."""
+    bfloat16, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16)
+    packed, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="fp16")
+    assert isinstance(packed.output.weight, Float16Weight)
+    assert isinstance(packed.tok_embeddings.weight, torch.Tensor)
+    for original, fp16 in [(bfloat16.output.weight, packed.output.weight),
+                           (bfloat16.layers[0].attention.wq.weight, packed.layers[0].attention.wq.weight)]:
+        original, unpacked = original.float(), fp16.dequantize(torch.float32)
+        normal = original.abs() >= 2**-14
+        assert torch.equal(unpacked[normal], original[normal])
+        assert ((unpacked - original)[~normal].abs() <= 2**-25).all()
+    wq = packed.layers[0].attention.wq.weight
+    assert wq.nbytes == 2 * wq.shape[0] * wq.shape[1]
+    with pytest.raises(LlamaError, match="cannot move to meta"):
+        packed.to("meta")

@@ -420,7 +420,7 @@ def test_run_inference_script_beam_and_sample_modes(tiny_checkpoint):
     assert folder_snapshot(folder) == before
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp16"])
 def test_run_inference_script_quantizes(tiny_checkpoint, scheme):
     finished = run_python(with_settings(f"r.QUANTIZE = {scheme!r}\nr.SHOW_MEMORY = True\nr.MAX_NEW_TOKENS = 6"),
                           checkpoint=tiny_checkpoint("gqa4"))

@@ -28,7 +28,7 @@ import torch
 
 from .llama3.args import LlamaError, ModelArgs
 from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model, same_memory
-from .llama3.quantize import GROUP_SIZE, SCHEMES, check_scheme, empty_quantized, quantized
+from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized
 from .llama3.sharding import ShardFiles, release_mapped_pages, slice_for_rank, split_dim, without_layer_prefix
 from .reshard import check_destination
 
@@ -39,7 +39,10 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
                         progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Write the checkpoint in folder `src`, quantized to `scheme`, into the new folder `dst`.
     `progress(done, total)` is called after each tensor."""
-    if scheme not in SCHEMES:
+    if scheme == "fp16":
+        raise LlamaError("fp16 is packed for fbgemm at every load and cannot be stored (fbgemm saves a packed matrix "
+                         "by unpacking it): use QUANTIZE = 'fp16' (load_llama(..., quantize='fp16')) on the bfloat16 folder")
+    if scheme not in STORED_SCHEMES:
         raise LlamaError(f"unknown scheme {scheme!r}: use int8 or int4")
     files = find_checkpoint_files(src)
     dst = Path(dst).expanduser()

@@ -138,6 +138,10 @@ def _int4_kernel(x, weight):
     return torch._weight_int4pack_mm_for_cpu(x, packed, weight.group_size, weight.scales_and_zeros.to(x.dtype))
 
 
+def _fbgemm_float16(x, weight):
+    return weight.product(x)
+
+
 def _dequantized(x, weight):
     # One matrix back in x's dtype for the duration of the product: never a second resident copy.
     return F.linear(x, weight.dequantize(x.dtype))
@@ -166,6 +170,10 @@ def _is_int4(rows, weight):
     return weight.dtype == "int4"
 
 
+def _is_float16(rows, weight):
+    return weight.dtype == "fp16"
+
+
 def _is_dequantizable_prompt(rows, weight):
     return rows >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(rows, weight) and weight.can_dequantize
 
@@ -183,6 +191,7 @@ CPU_KERNELS = (
            lambda rows, weight: _is_plain(rows, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
     Kernel("int8 kernel", _int8_kernel, _is_int8),
     Kernel("int4 kernel", _int4_kernel, _is_int4),
+    Kernel("fbgemm fp16", _fbgemm_float16, _is_float16),
     Kernel("dequantized", _dequantized, _is_dequantizable_prompt),
     Kernel("dequantized to float32", _dequantized_float32, _is_dequantizable_prompt),
 )

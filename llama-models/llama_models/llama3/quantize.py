@@ -36,7 +36,8 @@ from torch import nn
 from .args import LlamaError
 from .sharding import release_mapped_pages
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "fp16")
+STORED_SCHEMES = ("int8", "int4")  # what a file can hold (python -m llama_models.quantize); fp16 is packed at load
 GROUP_SIZE = 32  # int4: inputs per scale and zero point
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch._weight_int4pack_mm_for_cpu takes
 # The CPU int4 kernel's packed layout is converted from ours this many rows at a time: the
@@ -47,7 +48,7 @@ INT4_PACK_ROWS = 8192
 class QuantizedWeight(nn.Module):
     """A quantized (out, in) matrix: what products.linear and products.embedding dispatch on."""
 
-    kind: str  # "int8" or "int4", as in SCHEMES
+    kind: str  # "int8", "int4" or "fp16", as in SCHEMES
     out_features: int
     in_features: int
 
@@ -71,6 +72,10 @@ class QuantizedWeight(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(buffer.nbytes for buffer in self.buffers())
+
+    def stored_pieces(self) -> list:
+        """(where, bytes) of each piece of memory it holds: a memory report counts a shared one once."""
+        return [(buffer.data_ptr(), buffer.nbytes) for buffer in self.buffers()]
 
     @property
     def can_dequantize(self) -> bool:
@@ -241,10 +246,78 @@ def cpu_int4_layout() -> Optional[tuple]:
     return None
 
 
+class Float16Weight(QuantizedWeight):
+    """The matrix in float16, packed by PyTorch's fbgemm library for its half-precision product
+    (torch.ops.quantized.linear_dynamic_fp16), in blocks of FLOAT16_BLOCK_ROWS rows.
+
+    Not a quantization: float16 holds every bfloat16 number between 6.1e-5 and 65504 in magnitude
+    exactly (bfloat16 keeps 8 significant bits, float16 11), and smaller ones to within 6e-8. The
+    product multiplies float32 activations by the float16 weights and adds in float32, as the
+    "float32 copy" candidate does. What it buys is speed where the CPU has no bfloat16 arithmetic:
+    fbgemm's kernel streams the weights at the memory's pace for one row and for a few. What it
+    costs is fbgemm's packing, a fraction of a second per large matrix at every load, and a packed
+    matrix cannot be saved in a file (fbgemm saves it by unpacking it) or moved off the CPU.
+    """
+
+    kind = "fp16"
+
+    def __init__(self, blocks: list, out_features: int, in_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.blocks, self.out_features, self.in_features, self.model_dtype = blocks, out_features, in_features, dtype
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Float16Weight":
+        blocks = [torch.ops.quantized.linear_prepack_fp16(weight[rows].float(), None)  # float32 scratch of one block
+                  for rows in row_blocks(weight, FLOAT16_BLOCK_ROWS)]
+        return cls(blocks, *weight.shape, weight.dtype)
+
+    @property
+    def scales_dtype(self) -> torch.dtype:
+        return self.model_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * 2
+
+    def stored_pieces(self) -> list:
+        return [(id(self), self.nbytes)]
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:  # (rows, in) -> (rows, out), in x's dtype
+        x = x.float()
+        parts = [torch.ops.quantized.linear_dynamic_fp16(x, block) for block in self.blocks]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(self.model_dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in)
+        return torch.cat([torch.ops.quantized.linear_unpack_fp16(block)[0] for block in self.blocks]).to(dtype)
+
+    def rows(self, ids, dtype):
+        return self.dequantize(dtype)[ids]
+
+    def _apply(self, fn, recurse=True):  # model.to(...): fbgemm's packing lives on the CPU only
+        probe = fn(torch.empty(0))
+        if probe.device.type != "cpu":
+            raise LlamaError(f"fp16 matrices are packed for the CPU's fbgemm library and cannot move to "
+                             f"{probe.device.type}: load the bfloat16 weights there (on a GPU, DTYPE = 'float16')")
+        return super()._apply(fn, recurse)
+
+
+FLOAT16_BLOCK_ROWS = 16384  # the output layer is packed (and multiplied) in 8 such blocks
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def quantized(weight: torch.Tensor, scheme: str, group_size: int = GROUP_SIZE, looked_up: bool = False):
     """The `scheme` form of one float (out, in) matrix."""
     if scheme == "int8":
         return Int8Weight.from_float(weight)
+    if scheme == "fp16":
+        return Float16Weight.from_float(weight)
     return Int4Weight.from_float(weight, group_size, looked_up)
 
 
@@ -266,7 +339,10 @@ def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE, rows=()) -> 
     """One line for an unknown scheme, or an int4 group size that PyTorch's kernel does not take or
     that does not divide every input width (and int4 needs output rows in multiples of 16)."""
     if scheme not in SCHEMES:
-        raise LlamaError(f"unknown quantization {scheme!r}: use None, 'int8' or 'int4'")
+        raise LlamaError(f"unknown quantization {scheme!r}: use None, 'int8', 'int4' or 'fp16'")
+    if scheme == "fp16" and not fbgemm_available():
+        raise LlamaError("fp16 packs the matrices for PyTorch's fbgemm library, which this PyTorch build lacks "
+                         "(it comes with x86 builds): use None, 'int8' or 'int4'")
     if scheme != "int4":
         return
     if group_size not in INT4_GROUP_SIZES or isinstance(group_size, bool):
@@ -302,6 +378,11 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
     if any(isinstance(module, QuantizedWeight) for module in model.modules()):
         raise LlamaError("the model is already quantized: load the bfloat16 checkpoint to quantize it another way")
     modules = quantized_modules(model)
+    if scheme == "fp16":  # lookups read a few rows of the original: only the products gain from packing
+        modules = [module for module in modules if not is_embedding(module)]
+        if any(module.weight.device.type != "cpu" for module in modules):
+            raise LlamaError("fp16 packs the matrices for the CPU's fbgemm library: on a GPU use DTYPE = 'float16' "
+                             "(dtype=torch.float16) instead")
     check_scheme(scheme, [module.weight.shape[1] for module in modules], group_size,
                  [module.weight.shape[0] for module in modules])
     holders = {}  # where an original's numbers lie -> the modules using it: a tied matrix is two parameters
