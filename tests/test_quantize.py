@@ -5,6 +5,8 @@ kernels' rounding): that checks the kernels, the layouts and the dispatch. How f
 moves the logits from the bfloat16 model is measured and bounded separately.
 """
 
+import time
+
 import pytest
 import torch
 
@@ -188,3 +190,24 @@ def test_fp16_holds_the_bfloat16_weights_exactly_and_packs_only_the_products(tin
     assert wq.nbytes == 2 * wq.shape[0] * wq.shape[1]
     with pytest.raises(LlamaError, match="cannot move to meta"):
         packed.to("meta")
+
+
+def test_matrices_quantized_in_several_threads_come_out_in_place():
+    """fp16 packs one matrix per thread, at most that many ahead: each result must reach its own
+    module, in order, whatever finishes first."""
+    from llama_models.llama3.quantize import in_order_with_lookahead
+
+    started = []
+
+    def slow_for_the_first(item):
+        started.append(item)
+        if item == 0:
+            time.sleep(0.05)  # the later items finish first
+        return item * 10
+
+    results = []
+    for result in in_order_with_lookahead(slow_for_the_first, list(range(7)), workers=3):
+        results.append(result)
+        assert len(started) <= len(results) + 3  # no more than 3 ahead of what was taken
+    assert results == [0, 10, 20, 30, 40, 50, 60]
+    assert list(in_order_with_lookahead(slow_for_the_first, [], workers=3)) == []

@@ -359,7 +359,8 @@ def load_llama(
 
     max_seq_len and max_batch_size size the KV cache: choose what you need, not more (the cache
     of 8B at batch 1 takes 128 KiB per token in bfloat16). quantize: None, "int8" or "int4"
-    stores the matrices in 8 or 4 bits (quantize.py), quantized one by one as they are loaded. A
+    stores the matrices in 8 or 4 bits (quantize.py), quantized one by one as they are loaded;
+    "fp16" packs them for fbgemm's half-precision product instead (the CPU only). A
     folder written by `python -m llama_models.quantize` is quantized already: it loads as it is,
     with quantize=None or its own scheme.
     """

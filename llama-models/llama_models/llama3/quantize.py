@@ -26,8 +26,10 @@ params.json saying {"quantization": {"scheme": "int4", "group_size": 32}}. A mod
 a params.json holds empty quantized weights (`hold_quantized_weights`) for the file to fill.
 """
 
+import collections
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
@@ -198,8 +200,10 @@ class Int4Weight(QuantizedWeight):
                 pack = lambda rows: pack_int4_rows(self.codes[rows], *layout)  # noqa: E731
             else:  # a last block of fewer rows has a layout of its own: the kernel's conversion makes it
                 pack = lambda rows: torch._convert_weight_to_int4pack_for_cpu(self.int32_codes(rows), 2)  # noqa: E731
-            blocks = [pack(rows) for rows in row_blocks(self.shape[0], INT4_PACK_ROWS)]
-            self.packed = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            packed = torch.empty_like(self.codes)  # the same bytes, reshuffled
+            for rows in row_blocks(self.shape[0], INT4_PACK_ROWS):  # one block's scratch at a time
+                packed[rows] = pack(rows)
+            self.packed = packed
             if not self.looked_up:
                 release_mapped_pages(self.codes, list(shard_paths))
                 self.codes = None
@@ -388,20 +392,40 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
     holders = {}  # where an original's numbers lie -> the modules using it: a tied matrix is two parameters
     for module in modules:
         holders.setdefault(memory_key(module.weight), []).append(module)
-    done = {}  # where -> the quantized form
-    for count, module in enumerate(modules, start=1):
-        weight, where = module.weight, memory_key(module.weight)
-        if where not in done:
-            looked_up = any(is_embedding(user) for user in holders[where])
-            done[where] = quantized(weight, scheme, group_size, looked_up)
-        del module.weight  # the parameter
-        module.weight = done[where]  # a submodule now: its buffers move with model.to()
-        if all(other.weight is done[where] for other in holders[where]):  # the original's last user
-            release_mapped_pages(weight, list(shard_paths))
-            pack_for_cpu(holders[where])  # int4: now, so that no matrix holds both layouts for long
-        del weight
+
+    def make(users: list):  # the quantized form of the matrix these modules share
+        return quantized(users[0].weight, scheme, group_size, looked_up=any(is_embedding(user) for user in users))
+
+    # fbgemm packs a matrix on one thread, so fp16 packs one matrix per thread; the int8 and int4
+    # conversions already use every thread.
+    workers = torch.get_num_threads() if scheme == "fp16" else 1
+    made = in_order_with_lookahead(make, list(holders.values()), workers)
+    for count, (users, weight) in enumerate(zip(holders.values(), made), start=1):
+        original = users[0].weight
+        for user in users:
+            del user.weight  # the parameter
+            user.weight = weight  # a submodule now: its buffers move with model.to()
+        release_mapped_pages(original, list(shard_paths))
+        del original
+        pack_for_cpu(users)  # int4: now, so that no matrix holds both layouts for long
         if progress:
-            progress(count, len(modules))
+            progress(count, len(holders))
+
+
+def in_order_with_lookahead(function: Callable, items: list, workers: int):
+    """function(item) for each item, in order, computed by `workers` threads at most `workers`
+    items ahead of the caller (so that no more than that many originals wait to be released)."""
+    if workers == 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def is_embedding(module: nn.Module) -> bool:
