@@ -16,6 +16,7 @@ from fairscale.nn.model_parallel.initialize import initialize_model_parallel  # 
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Transformer
     from llama_models.llama3.checkpoint import find_checkpoint_files, load_tokenizer, match_checkpoint_to_model, resolve_device
+    from llama_models.llama3.quantize import pack_for_cpu
     from llama_models.llama3.sharding import read_shard
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package has the same "
@@ -70,6 +71,7 @@ def main():
     weights = match_checkpoint_to_model(read_shard(files.shards[0]), model, files.shards[0])
     model.load_state_dict(weights, strict=True, assign=True)
     model.to(device)
+    pack_for_cpu(model, files.shards)  # int4 folders only: the CPU kernel's layout, and the file's codes let go
 
     # 7. Decode: prefill the prompt once, then one token per step through the KV cache
     started = time.perf_counter()

@@ -315,7 +315,7 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # core. PyTorch's fbgemm library has a half-precision product that streams float16 weights at the
 # memory's pace, for one row, four (beams) or a prompt's worth, once each matrix is packed in its
 # own layout. That packing takes a fraction of a second per large matrix at every load (Llama 3.2
-# 1B: about 13 s on 2 cores) and cannot be saved, so it pays off over a long generation or a chat.
+# 1B: about 9 s on 2 cores) and cannot be saved, so it pays off over a long generation or a chat.
 # The embedding is not packed: a lookup reads a few of its rows. products.py still times fbgemm's
 # product against the others and keeps the fastest, as for every kind of weight.
 
@@ -933,7 +933,9 @@ class StepProfile:
         if hasattr(module, "cache_k"):  # inputs = (x, start_pos, cos, sin, mask)
             kv_len = inputs[1] + 1
             return 2 * module.cache_k[: self.batch, :, :kv_len].numel() * module.cache_k.element_size()
-        return sum(weight.nbytes for weight in itertools.chain(module.parameters(), module.buffers()))
+        # Each matrix or norm weight inside: a tensor, or a quantized or packed matrix, which has nbytes too.
+        return sum(inner.weight.nbytes for inner in module.modules()
+                   if isinstance(getattr(inner, "weight", None), (torch.Tensor, QuantizedWeight)))
 
     def close(self):
         for handle in self.handles:

@@ -55,6 +55,7 @@ sys.path.insert(2, str(REPO_ROOT / "tests"))  # Meta's tensor layout and the tra
 import checkpoints as test_checkpoints  # noqa: E402  (after the path set-up above)
 from llama_models.llama3 import ModelArgs  # noqa: E402
 from llama_models.llama3.bandwidth import memory_read_bandwidth  # noqa: E402
+from llama_models.llama3.quantize import STORED_SCHEMES  # noqa: E402
 
 # params.json of Meta's releases (see ../shared/llama3-facts.md, section 2.1).
 COMMON_PARAMS = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}
@@ -904,7 +905,6 @@ def print_results(results: dict, options) -> None:
 # Targets of the quantization issue: decode speed-up over bfloat16, and peak RSS as a share of the
 # bfloat16 checkpoint file.
 QUANTIZE_TARGETS = {"int8": (1.8, 0.6), "int4": (3.0, 0.4), "fp16": (None, None)}  # fp16: the kernel issue's, below
-STORED_SCHEMES = ("int8", "int4")  # the ones the quantize tool writes
 QUANTIZED_ROWS = [("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"),
                   ("beam_steps_s", "beam-4 steps/s"), ("load_s", "load s"), ("peak_rss_mib", "peak RSS MiB")]
 

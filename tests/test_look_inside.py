@@ -21,6 +21,7 @@ if str(REPO_ROOT) not in sys.path:  # run_inference.py is a script at the reposi
 import run_inference  # noqa: E402
 from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
 from llama_models.llama3 import load_llama, products  # noqa: E402
+from llama_models.llama3.quantize import fbgemm_available  # noqa: E402
 
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # BOS + "Hello, world" as bytes
 
@@ -165,6 +166,22 @@ def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_chec
     assert all(rows[part][0] >= 0 for part in run_inference.PROFILE_PARTS)
     assert 0 <= rows["rest"][0] and timed <= step_seconds
     assert timed >= step_seconds / 3
+
+
+@pytest.mark.parametrize("scheme", ["int4", "fp16"])
+def test_profile_counts_the_bytes_of_quantized_and_packed_matrices(tiny_checkpoint, monkeypatch, scheme):
+    if scheme == "fp16" and not fbgemm_available():
+        pytest.skip("fp16 packs for fbgemm, which only x86 builds of PyTorch have")
+    model, _ = load_llama(tiny_checkpoint("gqa3"), max_seq_len=64, quantize=scheme)
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=24))
+    profile = run_inference.StepProfile(model)
+    try:
+        list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=6))
+    finally:
+        profile.close()
+    feed_forward = [getattr(layer.feed_forward, w).weight for layer in model.layers for w in ("w1", "w2", "w3")]
+    assert profile.summary()["feed-forward"][1] == sum(weight.nbytes for weight in feed_forward) > 0
 
 
 def test_profile_leaves_out_the_steps_in_which_kernels_are_timed(tiny_checkpoint, monkeypatch):

@@ -190,6 +190,10 @@ def test_fp16_holds_the_bfloat16_weights_exactly_and_packs_only_the_products(tin
     assert wq.nbytes == 2 * wq.shape[0] * wq.shape[1]
     with pytest.raises(LlamaError, match="cannot move to meta"):
         packed.to("meta")
+    widened, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="fp16")
+    widened.float()  # the activations follow the model's dtype, and so do the products' results
+    assert widened.layers[0].attention.wq.weight.scales_dtype == torch.float32
+    assert torch.isfinite(widened(torch.tensor([[1, 2, 3]]), start_pos=0)).all()
 
 
 def test_matrices_quantized_in_several_threads_come_out_in_place():

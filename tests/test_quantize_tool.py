@@ -195,3 +195,48 @@ def test_a_new_name_without_instruct_gets_a_note(tiny_checkpoint, tmp_path, caps
     assert "note: run_inference.py uses the chat format" in capsys.readouterr().out
     assert tool.main([str(instruct), str(tmp_path / "Tiny-Instruct-int8"), "int8"]) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem", ["disk full", "group size with int8", "under torchrun"])
+def test_the_tool_refuses_in_one_line_and_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys, problem):
+    """A full disk shows when the file's room is reserved, before any write through the mapping
+    (which would kill the process instead)."""
+    arguments = [str(tiny_checkpoint("gqa4")), str(tmp_path / "new"), "int8"]
+    if problem == "disk full":
+        def no_space(fd, offset, length):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(tool.os, "posix_fallocate", no_space)
+    elif problem == "group size with int8":
+        arguments += ["--group-size", "64"]
+    else:
+        monkeypatch.setenv("RANK", "0")
+    assert tool.main(arguments) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1, message
+    assert {"disk full": "No space left on device", "group size with int8": "--group-size is for int4",
+            "under torchrun": "not under torchrun"}[problem] in message
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_quantized_folder_without_its_params_entry_is_named(quantized, tmp_path):
+    folder = tmp_path / "lost"
+    folder.mkdir()
+    for path in quantized("gqa4", "int8").iterdir():
+        if path.name != "params.json":
+            (folder / path.name).symlink_to(path)
+    params = json.loads((quantized("gqa4", "int8") / "params.json").read_text())
+    del params["quantization"]
+    (folder / "params.json").write_text(json.dumps(params))
+    with pytest.raises(LlamaError, match='written by llama_models.quantize, whose params.json has "quantization"'):
+        load_llama(folder, max_seq_len=16)
+
+
+def test_process_counts_that_would_cut_an_int4_group_are_refused():
+    from llama_models.llama3 import ModelArgs
+    from llama_models.llama3.sharding import valid_world_sizes
+
+    llama_8b = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3)
+    assert 16 in valid_world_sizes(ModelArgs(**llama_8b))
+    int4_256 = ModelArgs(**llama_8b, quantization={"scheme": "int4", "group_size": 256})
+    assert 16 not in valid_world_sizes(int4_256)  # w2's 14336 inputs / 16 = 896, not a whole number of groups
+    assert 8 in valid_world_sizes(int4_256)

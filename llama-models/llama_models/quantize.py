@@ -27,9 +27,9 @@ from typing import Callable, Optional
 import torch
 
 from .llama3.args import LlamaError, ModelArgs
-from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model, same_memory
+from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized
-from .llama3.sharding import ShardFiles, release_mapped_pages, slice_for_rank, split_dim, without_layer_prefix
+from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix
 from .reshard import check_destination
 
 WEIGHTS_FILE = "consolidated.00.pth"
@@ -44,6 +44,9 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
                          "by unpacking it): use QUANTIZE = 'fp16' (load_llama(..., quantize='fp16')) on the bfloat16 folder")
     if scheme not in STORED_SCHEMES:
         raise LlamaError(f"unknown scheme {scheme!r}: use int8 or int4")
+    if "RANK" in os.environ:  # torchrun: every process would write the same folder
+        raise LlamaError("run python -m llama_models.quantize as one process, not under torchrun: torchrun "
+                         "then loads the folder it writes")
     files = find_checkpoint_files(src)
     dst = Path(dst).expanduser()
     check_destination(files.folder, dst)
@@ -56,7 +59,7 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
     matrices = [name for name in names if split_dim(without_layer_prefix(name)) is not None]
     shapes = {name: whole_shape(shards, name) for name in names}
     check_scheme(scheme, [shapes[name][1] for name in matrices], group_size, [shapes[name][0] for name in matrices])
-    layout = quantized_layout(shards, names, matrices, scheme, group_size)
+    layout = quantized_layout(shards, shapes, matrices, scheme, group_size)
 
     created = not dst.exists()
     try:
@@ -112,17 +115,17 @@ def whole_shape(shards: ShardFiles, name: str) -> tuple:
     return tuple(shape)
 
 
-def quantized_layout(shards: ShardFiles, names: list, matrices: list, scheme: str, group_size: int) -> dict:
-    """{name: (shape, dtype)} of every tensor the new file holds: each matrix as its quantized parts
-    ("wq.weight.values", ...), the norms as they are."""
+def quantized_layout(shards: ShardFiles, shapes: dict, matrices: list, scheme: str, group_size: int) -> dict:
+    """{name: (shape, dtype)} of every tensor the new file holds, from {name: whole shape}: each
+    matrix as its quantized parts ("wq.weight.values", ...), the norms as they are."""
     layout = {}
-    for name in names:
+    for name, shape in shapes.items():
         dtype = shards.tensor(0, name).dtype
         if name in matrices:
-            empty = empty_quantized(*whole_shape(shards, name), dtype, scheme, group_size)
+            empty = empty_quantized(*shape, dtype, scheme, group_size)
             layout |= {f"{name}.{part}": (tuple(tensor.shape), tensor.dtype) for part, tensor in empty.state_dict().items()}
         else:
-            layout[name] = (whole_shape(shards, name), dtype)
+            layout[name] = (shape, dtype)
     return layout
 
 
@@ -142,6 +145,8 @@ def write_in_place(path: Path, layout: dict, fill: Callable[[dict], None]) -> No
         skeleton = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(skeleton, path)
+    with open(path, "rb+") as file:  # the room is a hole: a write through the mapping to a full disk
+        os.posix_fallocate(file.fileno(), 0, os.path.getsize(path))  # would kill the process; this raises OSError
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
         mapped = torch.load(path, mmap=True, weights_only=True)
     fill(mapped)
@@ -191,27 +196,33 @@ def main(argv: list = None) -> int:
     parser.add_argument("src", type=Path, help="checkpoint folder to read (never changed)")
     parser.add_argument("dst", type=Path, help="folder to create (it must not exist, or be empty)")
     parser.add_argument("scheme", help="int8 (a scale per row) or int4 (a scale and zero per group of inputs)")
-    parser.add_argument("--group-size", type=int, default=GROUP_SIZE, help=f"int4: inputs per group (default {GROUP_SIZE})")
+    parser.add_argument("--group-size", type=int, help=f"int4: inputs per group (default {GROUP_SIZE})")
     options = parser.parse_args(argv)
-    started = time.perf_counter()
+    started, shown = time.perf_counter(), []
 
     def show(done: int, total: int) -> None:  # a line that counts up on a terminal; only its end in a file
         if done == total or sys.stdout.isatty():
             print(f"\rquantizing to {options.scheme}: {done}/{total} tensors, {time.perf_counter() - started:.1f} s",
                   end="\n" if done == total else "", flush=True)
+            shown[:] = [done < total]  # a line without its end yet
+
+    def fail(message: str) -> None:
+        print(("\n" if any(shown) else "") + f"error: {message}", file=sys.stderr)
 
     try:
-        quantize_checkpoint(options.src, options.dst, options.scheme, options.group_size, progress=show)
+        if options.group_size is not None and options.scheme != "int4":
+            raise LlamaError(f"--group-size is for int4, not {options.scheme}: leave it out")
+        quantize_checkpoint(options.src, options.dst, options.scheme, options.group_size or GROUP_SIZE, progress=show)
     except LlamaError as error:
-        print(f"error: {error}", file=sys.stderr)
+        fail(str(error))
         return 2
-    except (OSError, RuntimeError) as error:  # a folder we may not write to; a full disk
+    except (OSError, RuntimeError, MemoryError) as error:  # a folder we may not write to, a full disk, no memory
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: writing {options.dst} failed ({reason}): free some space or choose another folder, "
-              "and run again", file=sys.stderr)
+        fail(f"quantizing into {options.dst} failed ({reason}); nothing was left there: free some disk space or "
+             "memory, or choose another folder, and run again")
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: nothing was left in {options.dst}", file=sys.stderr)
+        fail(f"interrupted: nothing was left in {options.dst}")
         return 130
     size = (options.dst.expanduser() / WEIGHTS_FILE).stat().st_size
     print(f"wrote {options.dst / WEIGHTS_FILE} ({size / 2**30:.2f} GiB), params.json and tokenizer.model")

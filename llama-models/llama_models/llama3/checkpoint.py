@@ -35,7 +35,7 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 from .args import LlamaError, ModelArgs
 from .model import Transformer
 from .quantize import pack_for_cpu, quantize as quantize_weights
-from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages
+from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages, same_memory
 from .tokenizer import Tokenizer
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
@@ -283,6 +283,11 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
             tensors[name.replace("tok_embeddings", "output", 1)] = tensors[name]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     mismatch_help = "params.json and the weights come from different models; download them together"
+    quantized_parts = [name for name in tensors if name.endswith((".values", ".codes", ".scales_and_zeros"))]
+    if quantized_parts and not any(name.endswith(quantized_parts[0].rsplit(".", 1)[1]) for name in expected):
+        raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that params.json does not announce: "
+                         'it was written by llama_models.quantize, whose params.json has "quantization"; restore that '
+                         "file, or quantize the bfloat16 checkpoint again")
     for name, shape in expected.items():
         if name not in tensors:
             raise LlamaError(f"{path} has no tensor {name!r} that params.json implies: {mismatch_help}")
@@ -295,14 +300,9 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
     if unexpected:
         raise LlamaError(
             f"{path} has tensor {unexpected[0]!r} that this model does not use ({len(unexpected)} such): "
-            f"quantized or vision checkpoints are not supported, otherwise {mismatch_help}"
+            f"Meta's quantized or vision checkpoints are not supported, otherwise {mismatch_help}"
         )
     return tensors
-
-
-def same_memory(tensor: torch.Tensor) -> tuple:
-    """Equal for two tensors that view the same numbers, even as different Python objects."""
-    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride())
 
 
 def load_weights(model: Transformer, files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> None:

@@ -13,6 +13,10 @@ rounded, once, when they are quantized.
   own range; groups of 32 keep the error several times lower than groups of 64 on a trained model
   (the issue that asked for this measured +7.6% perplexity at 32 and +50% at 64).
 
+"fp16" is not a quantization: the same 2 bytes a weight, exact for bfloat16 weights above 6e-5,
+packed for PyTorch's fbgemm library, whose half-precision product is faster on CPUs without bfloat16
+arithmetic (`Float16Weight`; only the multiplied matrices, not the embedding).
+
 `quantize(model, scheme)` replaces each linear layer's weight (and the embedding, which a Llama 3.2
 model shares with its output layer: the shared matrix stays one) by an `Int8Weight` or `Int4Weight`,
 tensor by tensor, and gives back each bfloat16 original's pages of the memory-mapped file as it goes,
@@ -36,7 +40,7 @@ import torch
 from torch import nn
 
 from .args import LlamaError
-from .sharding import release_mapped_pages
+from .sharding import release_mapped_pages, same_memory
 
 SCHEMES = ("int8", "int4", "fp16")
 STORED_SCHEMES = ("int8", "int4")  # what a file can hold (python -m llama_models.quantize); fp16 is packed at load
@@ -295,21 +299,31 @@ class Float16Weight(QuantizedWeight):
         parts = [torch.ops.quantized.linear_dynamic_fp16(x, block) for block in self.blocks]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(self.model_dtype)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in)
-        return torch.cat([torch.ops.quantized.linear_unpack_fp16(block)[0] for block in self.blocks]).to(dtype)
+    @property
+    def can_dequantize(self) -> bool:  # for a prompt too: unpacking would only add work to the same sums
+        return False
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in): the weights back, block by block
+        out = torch.empty(self.shape, dtype=dtype)
+        for rows, block in zip(row_blocks(self.out_features, FLOAT16_BLOCK_ROWS), self.blocks):
+            out[rows] = torch.ops.quantized.linear_unpack_fp16(block)[0]
+        return out
 
     def rows(self, ids, dtype):
-        return self.dequantize(dtype)[ids]
+        raise LlamaError("fp16 packs only the matrices that are multiplied; an embedding stays as it was")
 
     def _apply(self, fn, recurse=True):  # model.to(...): fbgemm's packing lives on the CPU only
-        probe = fn(torch.empty(0))
+        probe = fn(torch.empty(0, dtype=self.model_dtype))
         if probe.device.type != "cpu":
             raise LlamaError(f"fp16 matrices are packed for the CPU's fbgemm library and cannot move to "
                              f"{probe.device.type}: load the bfloat16 weights there (on a GPU, DTYPE = 'float16')")
+        self.model_dtype = probe.dtype  # the activations' dtype, which products return
         return super()._apply(fn, recurse)
 
 
 FLOAT16_BLOCK_ROWS = 16384  # the output layer is packed (and multiplied) in 8 such blocks
+# Matrices packed at once, each with a float32 copy of one block (8B's w1: 235 MB) while it packs.
+FP16_PACKING_THREADS = 4
 
 
 def fbgemm_available() -> bool:
@@ -367,10 +381,6 @@ def quantized_modules(model: nn.Module) -> list:
     return sorted(modules, key=lambda module: module.weight.numel(), reverse=True)
 
 
-def memory_key(tensor: torch.Tensor) -> tuple:
-    return tensor.data_ptr(), tuple(tensor.shape), tensor.dtype
-
-
 def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_paths: list = (),
              progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Replace every matrix weight of `model` by its `scheme` form, in place, one at a time.
@@ -391,14 +401,14 @@ def quantize(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE, shard_
                  [module.weight.shape[0] for module in modules])
     holders = {}  # where an original's numbers lie -> the modules using it: a tied matrix is two parameters
     for module in modules:
-        holders.setdefault(memory_key(module.weight), []).append(module)
+        holders.setdefault(same_memory(module.weight), []).append(module)
 
     def make(users: list):  # the quantized form of the matrix these modules share
         return quantized(users[0].weight, scheme, group_size, looked_up=any(is_embedding(user) for user in users))
 
     # fbgemm packs a matrix on one thread, so fp16 packs one matrix per thread; the int8 and int4
     # conversions already use every thread.
-    workers = torch.get_num_threads() if scheme == "fp16" else 1
+    workers = min(torch.get_num_threads(), FP16_PACKING_THREADS) if scheme == "fp16" else 1
     made = in_order_with_lookahead(make, list(holders.values()), workers)
     for count, (users, weight) in enumerate(zip(holders.values(), made), start=1):
         original = users[0].weight

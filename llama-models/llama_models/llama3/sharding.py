@@ -94,6 +94,11 @@ def matrix_role(role: str) -> str:
     return matrix if part in QUANTIZED_PART_SPLIT else role
 
 
+def same_memory(tensor: torch.Tensor) -> tuple:
+    """Equal for two tensors that view the same numbers, even as different Python objects."""
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride())
+
+
 # ------------------------------------------------------------------------------------------------
 # Which process counts work
 # ------------------------------------------------------------------------------------------------
@@ -105,7 +110,10 @@ def fits_world_size(args: ModelArgs, n_shards: int, world_size: int) -> bool:
     # Fewer processes than KV heads: each takes a whole number of heads. More: each head is repeated.
     kv_heads_fit = args.n_kv_heads % world_size == 0 or world_size % args.n_kv_heads == 0
     split_evenly = all(size % world_size == 0 for size in (args.n_heads, args.ffn_hidden_dim, args.vocab_size))
-    return shards_fit and kv_heads_fit and split_evenly
+    # An int4 folder's groups of inputs cannot be cut: wo and w2 split their inputs (dim, ffn width).
+    group_size = (args.quantization or {}).get("group_size")
+    groups_fit = group_size is None or all((width // world_size) % group_size == 0 for width in (args.dim, args.ffn_hidden_dim))
+    return shards_fit and kv_heads_fit and split_evenly and groups_fit
 
 
 def valid_world_sizes(args: ModelArgs, n_shards: int = 1) -> list[int]:
@@ -288,7 +296,7 @@ def local_state_dict(shard_paths: list[Path], rank: int, world_size: int, args: 
     for name in shards.tensor_names(first_shard):
         role = without_layer_prefix(name)
         dim = split_dim(role)
-        if dim is None:  # the norms: every shard has a copy. Unknown tensors too; the loader then refuses them.
+        if dim is None:  # the norms (and int8 scales of wo, w2): whole in every shard. Unknown tensors too; the loader refuses them.
             tensors[name] = shards.tensor(first_shard, name)
         elif matrix_role(role) in KV_WEIGHTS:
             tensors[name] = kv_heads_for_rank(shards, name, dim, rank, world_size, args)
