@@ -933,9 +933,10 @@ class StepProfile:
         if hasattr(module, "cache_k"):  # inputs = (x, start_pos, cos, sin, mask)
             kv_len = inputs[1] + 1
             return 2 * module.cache_k[: self.batch, :, :kv_len].numel() * module.cache_k.element_size()
-        # Each matrix or norm weight inside: a tensor, or a quantized or packed matrix, which has nbytes too.
-        return sum(inner.weight.nbytes for inner in module.modules()
-                   if isinstance(getattr(inner, "weight", None), (torch.Tensor, QuantizedWeight)))
+        # Each matrix or norm weight inside: a tensor, or a quantized or packed matrix.
+        weights = [inner.weight for inner in module.modules()
+                   if isinstance(getattr(inner, "weight", None), (torch.Tensor, QuantizedWeight))]
+        return sum(weight.nbytes if isinstance(weight, torch.Tensor) else weight.bytes_per_product for weight in weights)
 
     def close(self):
         for handle in self.handles:

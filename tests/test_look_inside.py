@@ -184,6 +184,23 @@ def test_profile_counts_the_bytes_of_quantized_and_packed_matrices(tiny_checkpoi
     assert profile.summary()["feed-forward"][1] == sum(weight.nbytes for weight in feed_forward) > 0
 
 
+def test_profile_counts_what_a_tied_int4_output_layer_reads(tiny_checkpoint, monkeypatch):
+    """Quantized at load, Llama 3.2's shared matrix keeps its codes (for lookups) beside the kernel's
+    layout; a product reads the layout and the scales only."""
+    model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=64, quantize="int4")
+    output = model.output.weight
+    assert output.codes is not None and output.packed is not None
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=24))
+    profile = run_inference.StepProfile(model)
+    try:
+        list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=6))
+    finally:
+        profile.close()
+    read = profile.summary()["output layer"][1]
+    assert read == output.packed.nbytes + output.scales_and_zeros.nbytes < output.nbytes
+
+
 def test_profile_leaves_out_the_steps_in_which_kernels_are_timed(tiny_checkpoint, monkeypatch):
     model, _ = load_llama(tiny_checkpoint("gqa3"), dtype=torch.float32, max_seq_len=64)
     monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))

@@ -79,6 +79,11 @@ class QuantizedWeight(nn.Module):
     def nbytes(self) -> int:
         return sum(buffer.nbytes for buffer in self.buffers())
 
+    @property
+    def bytes_per_product(self) -> int:
+        """What a product reads: all of it, but for int4 only the kernel's layout once it is made."""
+        return self.nbytes
+
     def stored_pieces(self) -> list:
         """(where, bytes) of each piece of memory it holds: a memory report counts a shared one once."""
         return [(buffer.data_ptr(), buffer.nbytes) for buffer in self.buffers()]
@@ -173,6 +178,10 @@ class Int4Weight(QuantizedWeight):
     @property
     def can_dequantize(self) -> bool:
         return self.codes is not None
+
+    @property
+    def bytes_per_product(self) -> int:  # a tied matrix keeps its codes for lookups, which products skip
+        return self.nbytes if self.packed is None else self.packed.nbytes + self.scales_and_zeros.nbytes
 
     def unpacked_codes(self, ids) -> torch.Tensor:  # (..., in) uint8, values 0..15
         if self.codes is None:
