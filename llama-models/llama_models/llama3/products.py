@@ -32,7 +32,8 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
 - Quantized weights (quantize.py): "int8 kernel" (torch._weight_int8pack_mm) and "int4 kernel"
   (torch._weight_int4pack_mm_for_cpu), which convert the small numbers as they multiply, and for
   9 rows or more "dequantized" and "dequantized to float32": the matrix converted back once for
-  the product, which pays where a prompt would repeat the conversion for every row.
+  the product, which pays where a prompt would repeat the conversion for every row. A matrix packed
+  for fbgemm (quantize.py's "fp16") has "fbgemm fp16": float32 rows times its float16 weights.
 
 Rounding: every candidate multiplies the stored numbers exactly and adds in float32; a bfloat16
 result is rounded to bfloat16 once at the end. (A quantized weight dequantized to bfloat16 is the
