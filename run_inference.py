@@ -304,7 +304,7 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # takes time at every start (8B: about a minute), so it can be done once instead:
 #     python -m llama_models.quantize ~/.llama/checkpoints/Llama3.1-8B-Instruct ~/.llama/checkpoints/Llama3.1-8B-Instruct-int4 int4
 # writes a folder whose params.json names the scheme; point MODEL_NAME at it, and its matrices are
-# memory-mapped as they lie in the file, whatever QUANTIZE says (None, or the folder's own scheme).
+# memory-mapped as they lie in the file (QUANTIZE = None, or the folder's own scheme; others are refused).
 # int4's CPU kernel wants the codes in a layout of its own, which depends on the CPU: that layout is
 # made while loading, from the portable one in the file.
 #
@@ -322,10 +322,11 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 
 def quantize_with_progress(model, scheme: str, shard_paths: list, is_main: bool) -> None:
     started = time.perf_counter()
+    what = "packing for fbgemm's fp16 product:" if scheme == "fp16" else f"quantizing to {scheme}:"
 
     def show(done: int, total: int) -> None:  # a line that counts up on a terminal; only its end in a file
         if is_main and (done == total or (sys.stdout.isatty() and done % max(1, total // 20) == 0)):
-            print(f"\rquantizing to {scheme}: {done}/{total} matrices, {time.perf_counter() - started:.1f} s",
+            print(f"\r{what} {done}/{total} matrices, {time.perf_counter() - started:.1f} s",
                   end="\n" if done == total else "", flush=True)
 
     quantize(model, scheme, shard_paths=shard_paths, progress=show)

@@ -109,6 +109,7 @@ def test_the_folder_runs_in_float32_too(quantized):
     ("fp16", ["fp16"], "fp16 is packed for fbgemm at every load and cannot be stored"),
     ("group size not taken", ["int4", "--group-size", "48"], "int4 group size 48 is not one of 32, 64, 128, 256"),
     ("group size not dividing", ["int4", "--group-size", "64"], "does not divide the input width 96"),
+    ("group size zero", ["int4", "--group-size", "0"], "int4 group size 0 is not one of"),
 ])
 def test_bad_arguments_are_one_line_and_write_nothing(tiny_checkpoint, tmp_path, capsys, problem, arguments, culprit):
     source = tiny_checkpoint("gqa3")
@@ -227,7 +228,7 @@ def test_a_quantized_folder_without_its_params_entry_is_named(quantized, tmp_pat
     params = json.loads((quantized("gqa4", "int8") / "params.json").read_text())
     del params["quantization"]
     (folder / "params.json").write_text(json.dumps(params))
-    with pytest.raises(LlamaError, match='written by llama_models.quantize, whose params.json has "quantization"'):
+    with pytest.raises(LlamaError, match='that params.json does not announce: it was written by llama_models.quantize'):
         load_llama(folder, max_seq_len=16)
 
 
@@ -240,3 +241,28 @@ def test_process_counts_that_would_cut_an_int4_group_are_refused():
     int4_256 = ModelArgs(**llama_8b, quantization={"scheme": "int4", "group_size": 256})
     assert 16 not in valid_world_sizes(int4_256)  # w2's 14336 inputs / 16 = 896, not a whole number of groups
     assert 8 in valid_world_sizes(int4_256)
+
+
+def test_a_killed_run_is_named_as_such(tiny_checkpoint, tmp_path, capsys):
+    """A process killed outright (out of memory) cleans nothing up: its unfinished file is named, by
+    the tool run again and by the loader, instead of "already exists" or "download again"."""
+    unfinished = tmp_path / "killed"
+    unfinished.mkdir()
+    (unfinished / "consolidated.00.pth.partial").write_bytes(b"\0" * 64)
+    assert tool.main([str(tiny_checkpoint("gqa4")), str(unfinished), "int8"]) == 2
+    assert f"{unfinished} holds an unfinished copy (a run that was killed): delete" in capsys.readouterr().err
+    with pytest.raises(LlamaError, match="holds an unfinished copy from llama_models.quantize or reshard"):
+        load_llama(unfinished, max_seq_len=16)
+
+
+def test_params_naming_the_other_scheme_is_named(quantized, tmp_path):
+    folder = tmp_path / "swapped"
+    folder.mkdir()
+    for path in quantized("gqa4", "int4").iterdir():
+        if path.name != "params.json":
+            (folder / path.name).symlink_to(path)
+    params = json.loads((quantized("gqa4", "int4") / "params.json").read_text())
+    for quantization in ({"scheme": "int8"}, {"scheme": "int4", "group_size": 64}):
+        (folder / "params.json").write_text(json.dumps(params | {"quantization": quantization}))
+        with pytest.raises(LlamaError, match="params.json's \"quantization\" must say how"):
+            load_llama(folder, max_seq_len=16)

@@ -19,18 +19,21 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
+if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+import torch  # noqa: E402
 
-from .llama3.args import LlamaError, ModelArgs
-from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model
-from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized
-from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix
-from .reshard import check_destination
+from .llama3.args import LlamaError, ModelArgs  # noqa: E402
+from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
+from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized  # noqa: E402
+from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
+from .reshard import check_destination  # noqa: E402
 
 WEIGHTS_FILE = "consolidated.00.pth"
 
@@ -210,27 +213,30 @@ def main(argv: list = None) -> int:
         print(("\n" if any(shown) else "") + f"error: {message}", file=sys.stderr)
 
     try:
-        if options.group_size is not None and options.scheme != "int4":
+        if options.group_size is not None and options.scheme == "int8":
             raise LlamaError(f"--group-size is for int4, not {options.scheme}: leave it out")
-        quantize_checkpoint(options.src, options.dst, options.scheme, options.group_size or GROUP_SIZE, progress=show)
+        group_size = GROUP_SIZE if options.group_size is None else options.group_size
+        quantize_checkpoint(options.src, options.dst, options.scheme, group_size, progress=show)
     except LlamaError as error:
         fail(str(error))
         return 2
     except (OSError, RuntimeError, MemoryError) as error:  # a folder we may not write to, a full disk, no memory
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        fail(f"quantizing into {options.dst} failed ({reason}); nothing was left there: free some disk space or "
-             "memory, or choose another folder, and run again")
+        fail(f"quantizing into {options.dst} failed ({reason}); nothing was left there: check that the folder can "
+             "be created there, free some disk space or memory, and run again")
         return 2
     except KeyboardInterrupt:
         fail(f"interrupted: nothing was left in {options.dst}")
         return 130
     size = (options.dst.expanduser() / WEIGHTS_FILE).stat().st_size
-    print(f"wrote {options.dst / WEIGHTS_FILE} ({size / 2**30:.2f} GiB), params.json and tokenizer.model")
-    if "instruct" in find_checkpoint_files(options.src).model_name.lower() and "instruct" not in options.dst.name.lower():
+    print(f"wrote {options.dst / WEIGHTS_FILE} ({size / 2**20:,.1f} MiB), params.json and tokenizer.model")
+    source_name = find_checkpoint_files(options.src).model_name
+    if "instruct" in source_name.lower() and "instruct" not in options.dst.name.lower():
         print(f"note: run_inference.py uses the chat format when a folder's name says Instruct, and {options.dst.name} "
-              "does not: rename it (e.g. Llama3.2-1B-Instruct-int4) or set IS_INSTRUCT = True")
+              f"does not: rename it (e.g. {source_name}-{options.scheme}) or set IS_INSTRUCT = True")
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
     sys.exit(main())

@@ -71,8 +71,10 @@ def check_destination(src: Path, dst: Path) -> None:
     """Refuse to write into the source checkpoint, or over anything that already exists."""
     if dst.resolve().is_relative_to(src.resolve()):
         raise LlamaError(
-            f"{dst} is the source checkpoint folder or inside it: write the new shards to a folder elsewhere"
+            f"{dst} is the source checkpoint folder or inside it: write the copy to a folder elsewhere"
         )
+    if dst.is_dir() and any(path.suffix == ".partial" for path in dst.iterdir()):
+        raise LlamaError(f"{dst} holds an unfinished copy (a run that was killed): delete {dst} and run again")
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise LlamaError(f"{dst} already exists and is not an empty folder: choose a new folder name")
 

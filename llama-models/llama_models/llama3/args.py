@@ -80,7 +80,8 @@ class ModelArgs:
             and type(self.quantization.get("group_size", 32)) is int
         ):
             raise LlamaError(f"quantization is {self.quantization!r} in params.json: llama_models.quantize writes "
-                             '{"scheme": "int8"} or {"scheme": "int4", "group_size": 32}; quantize the checkpoint again')
+                             '{"scheme": "int8"} or {"scheme": "int4", "group_size": N} (N = 32, 64, 128 or 256); '
+                             "restore the params.json it wrote, or quantize the checkpoint again")
         if not isinstance(self.use_scaled_rope, bool):
             raise LlamaError(f"use_scaled_rope is {self.use_scaled_rope!r} in params.json: it must be true or "
                              "false without quotes; download params.json again or correct it")

@@ -39,6 +39,7 @@ from .sharding import args_for_model_parallel, check_world_size, local_state_dic
 from .tokenizer import Tokenizer
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
+QUANTIZED_PART_NAMES = (".values", ".scales", ".codes", ".scales_and_zeros")  # of a quantize tool's matrices
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -227,6 +228,9 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
     params, tokenizer = folder / "params.json", folder / "tokenizer.model"
     for required in (params, tokenizer):
         if not required.is_file():
+            if any(folder.glob("*.pth.partial")):  # params.json and tokenizer.model come last
+                raise LlamaError(f"{folder} holds an unfinished copy from llama_models.quantize or reshard (a run "
+                                 "that was killed): delete the folder and run the tool again")
             raise LlamaError(f"{required} not found: the checkpoint folder is incomplete; download the model again")
     shards = sorted(folder.glob("*.pth"))
     if not shards:
@@ -283,14 +287,18 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
             tensors[name.replace("tok_embeddings", "output", 1)] = tensors[name]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     mismatch_help = "params.json and the weights come from different models; download them together"
-    quantized_parts = [name for name in tensors if name.endswith((".values", ".codes", ".scales_and_zeros"))]
+    quantized_parts = [name for name in tensors if name.endswith(QUANTIZED_PART_NAMES)]
+    quantized_help = ('it was written by llama_models.quantize, and params.json\'s "quantization" must say how: '
+                      "restore the params.json it wrote, or quantize the bfloat16 checkpoint again")
     if quantized_parts and not any(name.endswith(quantized_parts[0].rsplit(".", 1)[1]) for name in expected):
-        raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that params.json does not announce: "
-                         'it was written by llama_models.quantize, whose params.json has "quantization"; restore that '
-                         "file, or quantize the bfloat16 checkpoint again")
+        raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that params.json does not "
+                         f"announce: {quantized_help}")
     for name, shape in expected.items():
         if name not in tensors:
             raise LlamaError(f"{path} has no tensor {name!r} that params.json implies: {mismatch_help}")
+        if tuple(tensors[name].shape) != shape and name.endswith(QUANTIZED_PART_NAMES):
+            raise LlamaError(f"tensor {name!r} in {path} has shape {tuple(tensors[name].shape)}, not the {shape} "
+                             f"that params.json's \"quantization\" implies: {quantized_help}")
         if tuple(tensors[name].shape) != shape:
             raise LlamaError(
                 f"tensor {name!r} in {path} has shape {tuple(tensors[name].shape)} but params.json "
