@@ -173,6 +173,13 @@ def test_profile_counts_the_bytes_of_quantized_and_packed_matrices(tiny_checkpoi
     if scheme == "fp16" and not fbgemm_available():
         pytest.skip("fp16 packs for fbgemm, which only x86 builds of PyTorch have")
     model, _ = load_llama(tiny_checkpoint("gqa3"), max_seq_len=64, quantize=scheme)
+    summary = profile_after_the_trials(model, monkeypatch)
+    feed_forward = [getattr(layer.feed_forward, w).weight for layer in model.layers for w in ("w1", "w2", "w3")]
+    assert summary["feed-forward"][1] == sum(weight.nbytes for weight in feed_forward) > 0
+
+
+def profile_after_the_trials(model, monkeypatch) -> dict:
+    """The profile's summary of 6 decoded tokens, once a fresh chooser has chosen every kernel."""
     monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
     list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=24))
     profile = run_inference.StepProfile(model)
@@ -180,8 +187,7 @@ def test_profile_counts_the_bytes_of_quantized_and_packed_matrices(tiny_checkpoi
         list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=6))
     finally:
         profile.close()
-    feed_forward = [getattr(layer.feed_forward, w).weight for layer in model.layers for w in ("w1", "w2", "w3")]
-    assert profile.summary()["feed-forward"][1] == sum(weight.nbytes for weight in feed_forward) > 0
+    return profile.summary()
 
 
 def test_profile_counts_what_a_tied_int4_output_layer_reads(tiny_checkpoint, monkeypatch):
@@ -190,14 +196,7 @@ def test_profile_counts_what_a_tied_int4_output_layer_reads(tiny_checkpoint, mon
     model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=64, quantize="int4")
     output = model.output.weight
     assert output.codes is not None and output.packed is not None
-    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
-    list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=24))
-    profile = run_inference.StepProfile(model)
-    try:
-        list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=6))
-    finally:
-        profile.close()
-    read = profile.summary()["output layer"][1]
+    read = profile_after_the_trials(model, monkeypatch)["output layer"][1]
     assert read == output.packed.nbytes + output.scales_and_zeros.nbytes < output.nbytes
 
 

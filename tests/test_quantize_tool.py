@@ -37,6 +37,16 @@ def quantized(tiny_checkpoint, tmp_path_factory):
     return make
 
 
+def with_params(source, folder, edit) -> None:
+    """Make `folder` the tool's folder `source` (its files linked) with params.json changed by
+    `edit(params) -> params`: a hand-edited copy."""
+    folder.mkdir(exist_ok=True)
+    for path in source.iterdir():
+        if path.name != "params.json" and not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path)
+    (folder / "params.json").write_text(json.dumps(edit(json.loads((source / "params.json").read_text()))))
+
+
 def logits_of(model) -> torch.Tensor:
     return model(torch.tensor([[1, 2, 3, 4, 5, 6]]), start_pos=0)
 
@@ -175,12 +185,7 @@ def test_reshard_refuses_a_quantized_folder(quantized, tmp_path):
                                           {"scheme": "int8", "bits": 8}])
 def test_an_odd_quantization_in_params_is_one_line(quantized, tmp_path, quantization):
     folder = tmp_path / "edited"
-    folder.mkdir()
-    for path in quantized("gqa4", "int8").iterdir():
-        (folder / path.name).symlink_to(path)
-    params = json.loads((folder / "params.json").read_text()) | {"quantization": quantization}
-    (folder / "params.json").unlink()
-    (folder / "params.json").write_text(json.dumps(params))
+    with_params(quantized("gqa4", "int8"), folder, lambda params: params | {"quantization": quantization})
     with pytest.raises(LlamaError, match="quantization is .* in params.json: llama_models.quantize writes"):
         load_llama(folder, max_seq_len=16)
 
@@ -221,13 +226,8 @@ def test_the_tool_refuses_in_one_line_and_leaves_nothing(tiny_checkpoint, tmp_pa
 
 def test_a_quantized_folder_without_its_params_entry_is_named(quantized, tmp_path):
     folder = tmp_path / "lost"
-    folder.mkdir()
-    for path in quantized("gqa4", "int8").iterdir():
-        if path.name != "params.json":
-            (folder / path.name).symlink_to(path)
-    params = json.loads((quantized("gqa4", "int8") / "params.json").read_text())
-    del params["quantization"]
-    (folder / "params.json").write_text(json.dumps(params))
+    with_params(quantized("gqa4", "int8"), folder,
+                lambda params: {key: value for key, value in params.items() if key != "quantization"})
     with pytest.raises(LlamaError, match='that params.json does not announce: it was written by llama_models.quantize'):
         load_llama(folder, max_seq_len=16)
 
@@ -256,13 +256,7 @@ def test_a_killed_run_is_named_as_such(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_params_naming_the_other_scheme_is_named(quantized, tmp_path):
-    folder = tmp_path / "swapped"
-    folder.mkdir()
-    for path in quantized("gqa4", "int4").iterdir():
-        if path.name != "params.json":
-            (folder / path.name).symlink_to(path)
-    params = json.loads((quantized("gqa4", "int4") / "params.json").read_text())
     for quantization in ({"scheme": "int8"}, {"scheme": "int4", "group_size": 64}):
-        (folder / "params.json").write_text(json.dumps(params | {"quantization": quantization}))
+        with_params(quantized("gqa4", "int4"), tmp_path / "swapped", lambda params: params | {"quantization": quantization})
         with pytest.raises(LlamaError, match="params.json's \"quantization\" must say how"):
-            load_llama(folder, max_seq_len=16)
+            load_llama(tmp_path / "swapped", max_seq_len=16)
