@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llama_models.llama3 import LlamaError, load_llama, products
-from llama_models.llama3.quantize import GROUP_SIZE, Float16Weight, Int4Weight, Int8Weight, fbgemm_available, quantize
+from llama_models.llama3.quantize import (GROUP_SIZE, Float16Weight, Int4Weight, Int8Weight, fbgemm_available, quantize,
+                                         unpack_codes)
 
 SCHEMES = ["int8", "int4", pytest.param("fp16", marks=pytest.mark.skipif(
     not fbgemm_available(), reason="fp16 packs for fbgemm, which only x86 builds of PyTorch have"))]
@@ -157,7 +158,7 @@ def test_int4_packing_for_the_cpu_equals_the_kernels_own_conversion(rows, width)
     conversion (elsewhere, and for rows that are not a whole number of its blocks): the same bytes.
     8192 + 64 rows are packed in two row blocks."""
     weight = Int4Weight.from_float(torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)))
-    expected = torch._convert_weight_to_int4pack_for_cpu(weight.int32_codes(slice(0, rows)), 2)
+    expected = torch._convert_weight_to_int4pack_for_cpu(unpack_codes(weight.codes, torch.int32), 2)
     assert torch.equal(weight.cpu_packed().flatten(), expected.flatten())
 
 

@@ -183,22 +183,11 @@ class Int4Weight(QuantizedWeight):
     def bytes_per_product(self) -> int:  # a tied matrix keeps its codes for lookups, which products skip
         return self.nbytes if self.packed is None else self.packed.nbytes + self.scales_and_zeros.nbytes
 
-    def unpacked_codes(self, ids) -> torch.Tensor:  # (..., in) uint8, values 0..15
+    def rows(self, ids, dtype):
         if self.codes is None:
             raise LlamaError("this int4 matrix was packed for the CPU's kernel and kept only that layout: load "
                              "the model on the device it runs on (load_llama(..., device=...))")
-        codes = self.codes[ids]
-        return torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
-
-    def int32_codes(self, rows: slice) -> torch.Tensor:  # (rows, in) int32, values 0..15, as the kernel's packing takes them
-        codes = self.codes[rows]  # a view
-        q = torch.empty(codes.shape[0], self.in_features, dtype=torch.int32)
-        torch.bitwise_and(codes, 15, out=q[:, 0::2])  # written straight into the wider type
-        torch.bitwise_right_shift(codes, 4, out=q[:, 1::2])
-        return q
-
-    def rows(self, ids, dtype):
-        q = self.unpacked_codes(ids).to(dtype)  # (..., in)
+        q = unpack_codes(self.codes[ids], dtype)  # (..., in)
         scale, zero = self.scales_and_zeros[:, ids, 0], self.scales_and_zeros[:, ids, 1]  # (groups, ...)
         grouped = q.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         scale, zero = scale.movedim(0, -1)[..., None].to(dtype), zero.movedim(0, -1)[..., None].to(dtype)
@@ -212,7 +201,8 @@ class Int4Weight(QuantizedWeight):
             if layout is not None and self.shape[0] % layout[0] == 0:
                 pack = lambda rows: pack_int4_rows(self.codes[rows], *layout)  # noqa: E731
             else:  # a last block of fewer rows has a layout of its own: the kernel's conversion makes it
-                pack = lambda rows: torch._convert_weight_to_int4pack_for_cpu(self.int32_codes(rows), 2)  # noqa: E731
+                pack = lambda rows: torch._convert_weight_to_int4pack_for_cpu(  # noqa: E731
+                    unpack_codes(self.codes[rows], torch.int32), 2)
             packed = torch.empty_like(self.codes)  # the same bytes, reshuffled
             for rows in row_blocks(self.shape[0], INT4_PACK_ROWS):  # one block's scratch at a time
                 packed[rows] = pack(rows)
@@ -239,13 +229,18 @@ class Int4Weight(QuantizedWeight):
 INT4_LAYOUTS = ((32, "halves"), (64, "halves"), (32, "pairs"))  # (B, which rows share a byte)
 
 
+def unpack_codes(codes: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """(..., in / 2) bytes of two codes -> (..., in) codes 0..15 in `dtype`, written straight into it."""
+    q = torch.empty(*codes.shape, 2, dtype=dtype, device=codes.device)
+    torch.bitwise_and(codes, 15, out=q[..., 0])  # column 2k: the low half of byte k
+    torch.bitwise_right_shift(codes, 4, out=q[..., 1])
+    return q.flatten(-2)
+
+
 def pack_int4_rows(codes: torch.Tensor, block: int, pairing: str) -> torch.Tensor:
     """codes (n, in / 2) in our layout -> (n, in / 2) bytes in the kernel's, for n a multiple of block."""
     n, half = codes.shape
-    q = torch.empty(n, half, 2, dtype=torch.uint8)  # one code per byte, in input order
-    torch.bitwise_and(codes, 15, out=q[..., 0])
-    torch.bitwise_right_shift(codes, 4, out=q[..., 1])
-    q = q.view(n // block, block, 2 * half)  # (blocks, rows of a block, in)
+    q = unpack_codes(codes).view(n // block, block, 2 * half)  # (blocks, rows of a block, in)
     low, high = (q[:, : block // 2], q[:, block // 2 :]) if pairing == "halves" else (q[:, 0::2], q[:, 1::2])
     packed = (high << 4).bitwise_or_(low)  # (blocks, block / 2, in)
     return packed.transpose(1, 2).reshape(n, half)  # (blocks, in, block / 2): input by input
@@ -255,8 +250,7 @@ def pack_int4_rows(codes: torch.Tensor, block: int, pairing: str) -> torch.Tenso
 def cpu_int4_layout() -> Optional[tuple]:
     """The entry of INT4_LAYOUTS that gives what PyTorch's conversion gives here, or None."""
     probe = torch.randint(0, 256, (128, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    int32_codes = torch.stack((probe & 15, probe >> 4), dim=-1).flatten(-2).int()  # (128, 64)
-    expected = torch._convert_weight_to_int4pack_for_cpu(int32_codes, 2)
+    expected = torch._convert_weight_to_int4pack_for_cpu(unpack_codes(probe, torch.int32), 2)  # from (128, 64) codes
     for layout in INT4_LAYOUTS:
         if torch.equal(pack_int4_rows(probe, *layout).flatten(), expected.flatten()):
             return layout
