@@ -35,11 +35,12 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 from .args import LlamaError, ModelArgs
 from .model import Transformer
 from .quantize import pack_for_cpu, quantize as quantize_weights
-from .sharding import args_for_model_parallel, check_world_size, local_state_dict, release_mapped_pages, same_memory
+from .sharding import (QUANTIZED_PART_SPLIT, args_for_model_parallel, check_world_size, local_state_dict,
+                       release_mapped_pages, same_memory)
 from .tokenizer import Tokenizer
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
-QUANTIZED_PART_NAMES = (".values", ".scales", ".codes", ".scales_and_zeros")  # of a quantize tool's matrices
+QUANTIZED_PART_NAMES = tuple(f".{part}" for part in QUANTIZED_PART_SPLIT)  # of a quantize tool's matrices
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
