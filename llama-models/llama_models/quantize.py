@@ -58,9 +58,9 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
         raise LlamaError(f"{files.folder} is already quantized ({args.quantization['scheme']}, by this tool): "
                          "quantize the bfloat16 checkpoint it came from")
     shards = ShardFiles(files.shards)
-    names = whole_tensor_names(shards, args, files.folder)
+    shapes = whole_tensor_shapes(shards, args, files.folder)
+    names = list(shapes)
     matrices = [name for name in names if split_dim(without_layer_prefix(name)) is not None]
-    shapes = {name: whole_shape(shards, name) for name in names}
     check_scheme(scheme, [shapes[name][1] for name in matrices], group_size, [shapes[name][0] for name in matrices])
     layout = quantized_layout(shards, shapes, matrices, scheme, group_size)
 
@@ -89,18 +89,19 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
 # ------------------------------------------------------------------------------------------------
 
 
-def whole_tensor_names(shards: ShardFiles, args: ModelArgs, folder: Path) -> list[str]:
-    """The tensors to write, checked against params.json as the loader checks them: a tied output
-    layer (absent, or the embedding's own storage, as in Meta's 3.2 1B/3B) is written once, as the
-    embedding."""
+def whole_tensor_shapes(shards: ShardFiles, args: ModelArgs, folder: Path) -> dict:
+    """{name: shape in one piece} of the tensors to write, checked against params.json as the loader
+    checks them: a tied output layer (absent, or the embedding's own storage, as in Meta's 3.2 1B/3B)
+    is written once, as the embedding."""
     init_model_parallel(torch.device("cpu"))  # a group of one process: the model is built whole
     model = build_model(args, torch.device("meta"), torch.bfloat16)  # shapes only
-    stand_ins = {name: torch.empty(whole_shape(shards, name), device="meta") for name in shards.tensor_names(0)}
-    match_checkpoint_to_model(stand_ins, model, folder)  # one line naming any tensor that does not fit
-    names = [name for name in shards.tensor_names(0) if name != "rope.freqs"]
-    if "output.weight" in names and output_is_the_embedding(shards):
-        names.remove("output.weight")
-    return names
+    shapes = {name: whole_shape(shards, name) for name in shards.tensor_names(0)}
+    match_checkpoint_to_model({name: torch.empty(shape, device="meta") for name, shape in shapes.items()}, model,
+                              folder)  # one line naming any tensor that does not fit
+    shapes.pop("rope.freqs", None)
+    if "output.weight" in shapes and output_is_the_embedding(shards):
+        del shapes["output.weight"]
+    return shapes
 
 
 def output_is_the_embedding(shards: ShardFiles) -> bool:
