@@ -51,11 +51,12 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
         init_model_parallel,
         load_tokenizer,
         load_weights,
+        quantize_loaded,
         resolve_device,
         resolve_dtype,
     )
     from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
-    from llama_models.llama3.quantize import SCHEMES, QuantizedWeight, pack_for_cpu, quantize
+    from llama_models.llama3.quantize import SCHEMES, QuantizedWeight
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
              "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
@@ -320,16 +321,17 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # product against the others and keeps the fastest, as for every kind of weight.
 
 
-def quantize_with_progress(model, scheme: str, shard_paths: list, is_main: bool) -> None:
+def quantizing_progress(scheme: str, is_main: bool):
+    """progress(done, total) for quantize(): a line that counts up on a terminal; only its end in a file."""
     started = time.perf_counter()
     what = "packing for fbgemm's fp16 product:" if scheme == "fp16" else f"quantizing to {scheme}:"
 
-    def show(done: int, total: int) -> None:  # a line that counts up on a terminal; only its end in a file
+    def show(done: int, total: int) -> None:
         if is_main and (done == total or (sys.stdout.isatty() and done % max(1, total // 20) == 0)):
             print(f"\r{what} {done}/{total} matrices, {time.perf_counter() - started:.1f} s",
                   end="\n" if done == total else "", flush=True)
 
-    quantize(model, scheme, shard_paths=shard_paths, progress=show)
+    return show
 
 
 # ================================================================================================
@@ -1151,9 +1153,7 @@ def run() -> None:
     load_started = time.perf_counter()  # 6. load the weights
     load_weights(model, files, device, dtype)
     scheme = (params.quantization or {}).get("scheme") or QUANTIZE  # a quantized folder's own, or ours
-    if QUANTIZE and not params.quantization:  # 6b. quantize them
-        quantize_with_progress(model, QUANTIZE, files.shards, is_main)
-    pack_for_cpu(model, files.shards)
+    quantize_loaded(model, QUANTIZE, params, files.shards, quantizing_progress(scheme, is_main))  # 6b. quantize them
     if scheme and device.type != "cpu" and is_main:
         print(f"(on {device.type} the {scheme} matrices are dequantized for every product: less memory, "
               "but slower than bfloat16 there)")

@@ -26,7 +26,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -382,10 +382,18 @@ def load_llama(
     device = init_model_parallel(device)
     model = build_model(args, device, dtype)
     load_weights(model, files, device, dtype)
-    if quantize is not None and not args.quantization:
-        quantize_weights(model, quantize, shard_paths=files.shards)
-    pack_for_cpu(model, files.shards)  # int4: the CPU kernel's layout, made while loading
+    quantize_loaded(model, quantize, args, files.shards)
     return model, tokenizer
+
+
+def quantize_loaded(model: Transformer, quantize: Optional[str], args: ModelArgs, shard_paths: list,
+                    progress: Optional[Callable[[int, int], None]] = None) -> None:
+    """After load_weights: quantize as asked, unless the folder's matrices are quantized already
+    (args.quantization); then make int4's CPU kernel layout, while loading rather than at the first
+    product. `progress(done, total)` is called after each matrix quantized."""
+    if quantize is not None and not args.quantization:
+        quantize_weights(model, quantize, shard_paths=shard_paths, progress=progress)
+    pack_for_cpu(model, shard_paths)
 
 
 def check_quantize_request(quantize: Optional[str], args: ModelArgs, folder: Path) -> None:
