@@ -879,7 +879,7 @@ class StepProfile:
 
     A module's time runs from its forward pre-hook to its forward hook. The attention module holds
     the four projections, so their time is taken out of its own: "attention" is RoPE, the cache
-    write and scaled_dot_product_attention. A step runs from one embedding call (the start of a
+    write and products.attention. A step runs from one embedding call (the start of a
     forward pass) to the next, like the benchmark's clock, so the last step, which has no next
     start, is left out, and so are the first ones, in which products.py times its candidates.
     """
@@ -923,11 +923,11 @@ class StepProfile:
         # The previous decode step is complete if this pass is the next one (a prefill comes after a
         # chat's answer, and the time between holds the user's typing). It counts unless products.py
         # was still timing its candidates then: the profile shows the kernels it chose, at their speed.
-        if decoding and self.step_start is not None and products.CPU_CHOOSER.trials_run == self.trials_at_start:
+        if decoding and self.step_start is not None and products.trials_run() == self.trials_at_start:
             self.steps.append((now - self.step_start, self.seconds, self.bytes_read))
         self.step_start, self.batch = (now if decoding else None), tokens.shape[0]
         self.seconds, self.bytes_read = {}, {}
-        self.trials_at_start = products.CPU_CHOOSER.trials_run
+        self.trials_at_start = products.trials_run()
 
     def _bytes_read(self, module, inputs) -> int:
         """What the module reads from memory: its weights, and for attention the cached keys and values."""
@@ -961,6 +961,8 @@ class StepProfile:
 
 def part_kernels(model, part: str, rows: int) -> str:
     """The product kernels a part uses (products.py chose them by timing), e.g. "F.linear (wq, wo)"."""
+    if part == "attention":
+        return products.chosen_attention(batch=rows) if model.output.weight.device.type == "cpu" else "SDPA"
     users = {}  # kernel name -> the weight names that use it
     for name, module in model.named_modules():
         if profile_part(name) == part and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):

@@ -17,3 +17,13 @@ def tiny_checkpoint(tmp_path_factory):
         return written[shape_name]
 
     return make
+
+
+@pytest.fixture
+def fresh_choosers(monkeypatch):
+    """products.py's choosers with no choices yet, so that every candidate kernel runs in its trials."""
+    from llama_models.llama3 import products
+
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    monkeypatch.setattr(products, "ATTENTION_CHOOSER",
+                        products.KernelChooser(products.ATTENTION_KERNELS, kind_of=products.attention_kind))

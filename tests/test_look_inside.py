@@ -131,14 +131,13 @@ def matplotlib_installed() -> bool:
     return True
 
 
-def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_checkpoint, monkeypatch):
+def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_checkpoint, fresh_choosers):
     """Bytes by their formulas (every weight once per step, the KV cache up to each step's position);
     times: no part negative, and the timed parts leave a non-negative rest of the step. The stated
     margin: on this tiny model the timed parts cover at least a third of the step (the rest is
     Python between modules and choosing the token, a larger share than in a real model)."""
     folder = tiny_checkpoint("gqa3")
     model, _ = load_llama(folder, dtype=torch.float32, max_seq_len=64)
-    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
     list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=24))  # every kind of product chosen
     profile = run_inference.StepProfile(model)
     try:
@@ -169,18 +168,17 @@ def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_chec
 
 
 @pytest.mark.parametrize("scheme", ["int4", "fp16"])
-def test_profile_counts_the_bytes_of_quantized_and_packed_matrices(tiny_checkpoint, monkeypatch, scheme):
+def test_profile_counts_the_bytes_of_quantized_and_packed_matrices(tiny_checkpoint, fresh_choosers, scheme):
     if scheme == "fp16" and not fbgemm_available():
         pytest.skip("fp16 packs for fbgemm, which only x86 builds of PyTorch have")
     model, _ = load_llama(tiny_checkpoint("gqa3"), max_seq_len=64, quantize=scheme)
-    summary = profile_after_the_trials(model, monkeypatch)
+    summary = profile_after_the_trials(model)
     feed_forward = [getattr(layer.feed_forward, w).weight for layer in model.layers for w in ("w1", "w2", "w3")]
     assert summary["feed-forward"][1] == sum(weight.nbytes for weight in feed_forward) > 0
 
 
-def profile_after_the_trials(model, monkeypatch) -> dict:
-    """The profile's summary of 6 decoded tokens, once a fresh chooser has chosen every kernel."""
-    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+def profile_after_the_trials(model) -> dict:
+    """The profile's summary of 6 decoded tokens, once fresh choosers have chosen every kernel."""
     list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=24))
     profile = run_inference.StepProfile(model)
     try:
@@ -190,19 +188,18 @@ def profile_after_the_trials(model, monkeypatch) -> dict:
     return profile.summary()
 
 
-def test_profile_counts_what_a_tied_int4_output_layer_reads(tiny_checkpoint, monkeypatch):
+def test_profile_counts_what_a_tied_int4_output_layer_reads(tiny_checkpoint, fresh_choosers):
     """Quantized at load, Llama 3.2's shared matrix keeps its codes (for lookups) beside the kernel's
     layout; a product reads the layout and the scales only."""
     model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=64, quantize="int4")
     output = model.output.weight
     assert output.codes is not None and output.packed is not None
-    read = profile_after_the_trials(model, monkeypatch)["output layer"][1]
+    read = profile_after_the_trials(model)["output layer"][1]
     assert read == output.packed.nbytes + output.scales_and_zeros.nbytes < output.nbytes
 
 
-def test_profile_leaves_out_the_steps_in_which_kernels_are_timed(tiny_checkpoint, monkeypatch):
+def test_profile_leaves_out_the_steps_in_which_kernels_are_timed(tiny_checkpoint, fresh_choosers):
     model, _ = load_llama(tiny_checkpoint("gqa3"), dtype=torch.float32, max_seq_len=64)
-    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
     profile = run_inference.StepProfile(model)
     try:
         list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=12))

@@ -26,7 +26,7 @@ def test_every_candidate_gives_f_linear_result(small_row_blocks, rows, dtype):
     expected = F.linear(x, weight).double()
     scale = expected.abs().max().item()
     tolerance = 1e-5 if dtype == F32 else 2**-7  # bfloat16 results: a step of the last rounding
-    candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(rows, weight)]
+    candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(x, weight)]
     assert len(candidates) >= 3
     for kernel in candidates:
         y = kernel.compute(x, weight)
@@ -39,7 +39,8 @@ def test_candidates_that_apply_to_each_kind():
         4 * products.ROW_BLOCK, 8, dtype=BF16)
 
     def names(rows, weight):
-        return {kernel.name for kernel in products.CPU_KERNELS if kernel.applies(rows, weight)}
+        x = torch.empty(rows, weight.shape[1], dtype=weight.dtype)
+        return {kernel.name for kernel in products.CPU_KERNELS if kernel.applies(x, weight)}
 
     assert names(1, bf16_matrix) == {"F.linear", "torch.mv", "F.linear, oneDNN off", "torch.mv, oneDNN off"}
     assert names(4, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off"}
@@ -105,8 +106,7 @@ def test_each_kind_of_product_is_chosen_apart():
     assert products.product_kind(3, square) == products.product_kind(4, square) != products.product_kind(5, square)
 
 
-def test_linear_keeps_the_leading_dimensions(monkeypatch):
-    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+def test_linear_keeps_the_leading_dimensions(fresh_choosers):
     x, weight = torch.randn(2, 5, 64), torch.randn(96, 64)
     for _ in range(products.TRIALS * len(products.CPU_KERNELS)):
         y = products.linear(x, weight)
@@ -130,21 +130,21 @@ def test_onednn_off_restores_the_setting():
     assert torch._C._get_mkldnn_enabled() == before
 
 
-def test_bfloat16_model_stays_close_to_float32_whatever_is_chosen(tiny_checkpoint, monkeypatch):
+def test_bfloat16_model_stays_close_to_float32_whatever_is_chosen(tiny_checkpoint, fresh_choosers):
     """A 40-token prompt and decode steps through a fresh chooser (so its trials run every candidate):
     the bfloat16 logits stay close to the float32 model's."""
     folder = tiny_checkpoint("gqa4")
     exact, _ = load_llama(folder, dtype=F32, max_seq_len=64)
     tokens = torch.randint(0, exact.args.vocab_size, (1, 44), generator=torch.Generator().manual_seed(5))
     reference = exact(tokens, start_pos=0)  # (1, 44, vocab)
-    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
     model, _ = load_llama(folder, dtype=BF16, max_seq_len=64)
     prompt = model(tokens[:, :40], start_pos=0)
     steps = [model(tokens[:, pos : pos + 1], start_pos=pos) for pos in range(40, 44)]
     logits = torch.cat([prompt, *steps], dim=1)
     relative_error = (logits - reference).norm() / reference.norm()
     assert relative_error.item() < 0.05
-    assert sum(len(times) for times in products.CPU_CHOOSER.times.values()) >= 3  # several candidates ran
+    for chooser in (products.CPU_CHOOSER, products.ATTENTION_CHOOSER):  # several candidates ran
+        assert sum(len(times) for times in chooser.times.values()) >= 3
 
 
 def test_chooser_stops_trying_a_candidate_far_slower_than_the_fastest():
@@ -157,3 +157,65 @@ def test_chooser_stops_trying_a_candidate_far_slower_than_the_fastest():
         chooser(torch.ones(1, 8), weight)
     assert calls.count("far slower") == 2 and calls.count("a bit slower") == 3  # two trials, not three
     assert calls[8:] == ["fast"] * 2
+
+
+# Attention: the same chooser over the attention candidates.
+
+
+def reference_attention(q, keys, values, mask):
+    """softmax(q k^T / sqrt(head_dim)) v in float64, each key/value head repeated for its query heads."""
+    n_rep = q.shape[1] // keys.shape[1]
+    keys, values = (t.double().repeat_interleave(n_rep, dim=1) for t in (keys, values))
+    scores = q.double() @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5  # (batch, heads, seq, kv_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ values
+
+
+def attention_inputs(batch, seq, kv_len, dtype, n_heads=6, n_kv_heads=2, head_dim=16):
+    generator = torch.Generator().manual_seed(batch * 100 + seq * 10 + kv_len)
+    q = torch.randn(batch, n_heads, seq, head_dim, generator=generator).to(dtype)
+    keys, values = (torch.randn(batch, n_kv_heads, kv_len, head_dim, generator=generator).to(dtype) for _ in range(2))
+    # The model's mask: the new tokens are the last `seq` positions, each sees itself and the past.
+    mask = None if seq == 1 else torch.arange(kv_len)[None, :] <= torch.arange(kv_len - seq, kv_len)[:, None]
+    return q, keys, values, mask
+
+
+@pytest.mark.parametrize("batch, seq, kv_len", [(1, 1, 7), (3, 1, 20), (2, 5, 12)])  # decode, beams, a prompt
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_every_attention_candidate_gives_the_reference(batch, seq, kv_len, dtype):
+    inputs = attention_inputs(batch, seq, kv_len, dtype)
+    expected = reference_attention(*inputs)
+    tolerance = 1e-5 if dtype == F32 else 2**-7  # bfloat16 results: a step of the last rounding
+    candidates = [kernel for kernel in products.ATTENTION_KERNELS if kernel.applies(*inputs)]
+    assert len(candidates) == (2 if dtype == F32 else 3)
+    for kernel in candidates:
+        out = kernel.compute(*inputs)
+        assert out.shape == inputs[0].shape and out.dtype == dtype, kernel.name
+        assert (out.double() - expected).abs().max().item() <= tolerance * expected.abs().max().item(), kernel.name
+
+
+def test_written_out_attention_only_where_its_scores_fit(monkeypatch):
+    inputs = attention_inputs(2, 5, 12, BF16)  # 2 x 6 heads x 5 x 12 = 720 scores
+    names = lambda: {kernel.name for kernel in products.ATTENTION_KERNELS if kernel.applies(*inputs)}  # noqa: E731
+    monkeypatch.setattr(products, "GROUPED_SCORES", 720)
+    assert "grouped products in float32" in names()
+    monkeypatch.setattr(products, "GROUPED_SCORES", 719)
+    assert names() == {"SDPA", "SDPA in float32"}
+
+
+def test_a_decode_steps_attention_is_chosen_again_as_the_cache_doubles(fresh_choosers):
+    kinds = [products.attention_kind(*attention_inputs(1, 1, kv_len, BF16)) for kv_len in (5, 8, 9, 16, 17)]
+    assert kinds[0] == kinds[1] != kinds[2] == kinds[3] != kinds[4]
+    assert products.attention_kind(*attention_inputs(4, 1, 8, BF16)) != kinds[0]  # beams: another batch
+    for _ in range(products.TRIALS * len(products.ATTENTION_KERNELS)):
+        out = products.attention(*attention_inputs(1, 1, 7, BF16))
+    assert out.shape == (1, 6, 1, 16)
+    chosen = products.chosen_attention(batch=1)
+    assert chosen.endswith("(cached <= 8)") and chosen.split(" (")[0] in {k.name for k in products.ATTENTION_KERNELS}
+    assert products.chosen_attention(batch=4) == ""
+
+
+def test_other_devices_use_sdpa():
+    q, keys, values, _ = (t.to("meta") if t is not None else t for t in attention_inputs(1, 1, 7, BF16))
+    assert products.attention(q, keys, values, None).shape == (1, 6, 1, 16)

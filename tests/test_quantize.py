@@ -19,12 +19,6 @@ SCHEMES = ["int8", "int4", pytest.param("fp16", marks=pytest.mark.skipif(
 KINDS = {"int8": Int8Weight, "int4": Int4Weight, "fp16": Float16Weight}
 
 
-@pytest.fixture
-def fresh_chooser(monkeypatch):
-    """A chooser with no choices yet, so that every candidate kernel of the quantized kinds runs."""
-    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
-
-
 def dequantized_copy(folder, scheme: str, dtype):
     """Our float model with each matrix replaced by its quantized form, dequantized: the numbers the
     quantized model multiplies by (the same from_float, which is deterministic, as quantize uses)."""
@@ -39,7 +33,7 @@ def dequantized_copy(folder, scheme: str, dtype):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("shape", ["gqa4", "gqa3"])  # tied output (Llama 3.2) and a separate one
-def test_quantized_model_computes_the_float_model_on_dequantized_weights(tiny_checkpoint, fresh_chooser,
+def test_quantized_model_computes_the_float_model_on_dequantized_weights(tiny_checkpoint, fresh_choosers,
                                                                          shape, scheme):
     """Float32, so that only the order of additions differs: a 40-token prefill (every prompt
     candidate takes turns), decode steps and a batch of 3 rows (beams)."""

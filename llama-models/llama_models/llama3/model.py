@@ -31,7 +31,7 @@ from fairscale.nn.model_parallel.utils import VocabUtility
 from torch import nn
 
 from .args import LlamaError, ModelArgs
-from .products import embedding, linear
+from .products import attention, embedding, linear
 from .quantize import hold_quantized_weights
 
 
@@ -307,9 +307,11 @@ class Attention(nn.Module):
         # by block, never holds the (seq x kv_len) scores and copies no key/value head (Meta's code
         # repeats each n_rep times), which made long prompts about 3x faster than the products written
         # out (README, "Speed and memory"). Where no fused kernel fits (some GPU cases) PyTorch falls
-        # back to the plain computation, which is why run_inference.py prefills in chunks.
+        # back to the plain computation, which is why run_inference.py prefills in chunks. For a
+        # decode step's single query row it can be slow on the CPU, so `attention` (products.py)
+        # times it against float32 variants and keeps the fastest, as it does for the matrices.
         # run_inference.py's `last_layer_attention` writes the same computation out step by step.
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        out = attention(q, keys, values, mask)
         # out: (batch, n_heads, seq, head_dim) in q's dtype
         out = out.transpose(1, 2)  # (batch, seq, n_heads, head_dim)
         return self.wo(out.reshape(batch, seq, self.n_local_heads * self.head_dim))  # (batch, seq, dim)

@@ -57,10 +57,12 @@ or so decode steps, and part of the first prompt). `chosen_kernel(rows, weight)`
 chosen; run_inference.py's SHOW_PROFILE shows it beside the time each part of a decode step takes.
 
 A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`
-accepts its weights, so that the same trials pick among them.
+accepts its weights, so that the same trials pick among them. Attention, the model's other
+product, is chosen by the same mechanism among its own candidates (the last section below).
 """
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -78,11 +80,12 @@ DROP_FACTOR = 2  # a candidate this many times slower than the fastest trial so 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One way to compute x @ weight.T.   compute: x (rows, in), weight (out, in) -> (rows, out)"""
+    """One way to compute a product: x @ weight.T (x (rows, in), weight (out, in) -> (rows, out)), or
+    attention (q, keys, values, mask -> out). `applies` takes the same inputs and says if it can."""
 
     name: str
-    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    applies: Callable[[int, torch.Tensor], bool] = lambda rows, weight: True  # (rows, weight) -> usable?
+    compute: Callable[..., torch.Tensor]
+    applies: Callable[..., bool] = lambda *inputs: True
 
 
 @contextlib.contextmanager
@@ -152,44 +155,44 @@ def _dequantized_float32(x, weight):
     return F.linear(x.float(), weight.dequantize(torch.float32)).to(x.dtype)
 
 
-# Which weights and row counts each candidate takes: (rows, weight) -> bool.
+# Which weights and row counts each candidate takes: (x, weight) -> bool, x (rows, in).
 
 
-def _is_plain(rows, weight):
+def _is_plain(x, weight):
     return isinstance(weight, torch.Tensor)
 
 
-def _is_bfloat16(rows, weight):
+def _is_bfloat16(x, weight):
     return weight.dtype == torch.bfloat16
 
 
-def _is_int8(rows, weight):
+def _is_int8(x, weight):
     return weight.dtype == "int8"
 
 
-def _is_int4(rows, weight):
+def _is_int4(x, weight):
     return weight.dtype == "int4"
 
 
-def _is_float16(rows, weight):
+def _is_float16(x, weight):
     return weight.dtype == "fp16"
 
 
-def _is_dequantizable_prompt(rows, weight):
-    return rows >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(rows, weight) and weight.can_dequantize
+def _is_dequantizable_prompt(x, weight):
+    return x.shape[0] >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(x, weight) and weight.can_dequantize
 
 
 CPU_KERNELS = (
     Kernel("F.linear", _f_linear, _is_plain),
-    Kernel("torch.mv", _matrix_vector, lambda rows, weight: rows == 1 and _is_plain(rows, weight)),
-    Kernel("weight @ x.T", _weight_first, lambda rows, weight: rows > 1 and _is_plain(rows, weight)),
+    Kernel("torch.mv", _matrix_vector, lambda x, weight: x.shape[0] == 1 and _is_plain(x, weight)),
+    Kernel("weight @ x.T", _weight_first, lambda x, weight: x.shape[0] > 1 and _is_plain(x, weight)),
     Kernel("F.linear, oneDNN off", _without_onednn(_f_linear), _is_bfloat16),
     Kernel("torch.mv, oneDNN off", _without_onednn(_matrix_vector),
-           lambda rows, weight: rows == 1 and _is_bfloat16(rows, weight)),
+           lambda x, weight: x.shape[0] == 1 and _is_bfloat16(x, weight)),
     Kernel("float32 copy", _float32_copy,
-           lambda rows, weight: rows >= MIN_ROWS_FOR_FLOAT32_COPY and _is_bfloat16(rows, weight)),
+           lambda x, weight: x.shape[0] >= MIN_ROWS_FOR_FLOAT32_COPY and _is_bfloat16(x, weight)),
     Kernel("row blocks", _row_blocks,
-           lambda rows, weight: _is_plain(rows, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
+           lambda x, weight: _is_plain(x, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
     Kernel("int8 kernel", _int8_kernel, _is_int8),
     Kernel("int4 kernel", _int4_kernel, _is_int4),
     Kernel("fbgemm fp16", _fbgemm_float16, _is_float16),
@@ -198,19 +201,29 @@ CPU_KERNELS = (
 )
 
 
+def power_of_two_above(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def product_kind(rows: int, weight: torch.Tensor) -> tuple:
     """What a choice is made for: (dtype, weight shape, rows rounded up to a power of two)."""
-    return (weight.dtype, tuple(weight.shape), 1 << (rows - 1).bit_length())
+    return (weight.dtype, tuple(weight.shape), power_of_two_above(rows))
+
+
+def _linear_kind(x: torch.Tensor, weight) -> tuple:
+    return product_kind(x.shape[0], weight)
 
 
 @dataclass
 class KernelChooser:
     """Computes each product with a kernel, trying every candidate TRIALS times per kind first.
 
-    `clock` is replaceable so that tests can decide which candidate is fastest.
+    `kind_of` maps a product's inputs to the kind a choice is made for. `clock` is replaceable so
+    that tests can decide which candidate is fastest.
     """
 
     kernels: tuple
+    kind_of: Callable[..., tuple] = _linear_kind
     trials: int = TRIALS
     clock: Callable[[], float] = time.perf_counter
     chosen: dict = field(default_factory=dict)  # kind -> Kernel
@@ -221,20 +234,20 @@ class KernelChooser:
         """How many timed trials have run so far: a profile leaves out the steps in which it grew."""
         return sum(len(seconds) for kind in self.times.values() for seconds in kind.values())
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (rows, in) -> (rows, out)
-        kind = product_kind(x.shape[0], weight)
+    def __call__(self, *inputs) -> torch.Tensor:  # linear: (x (rows, in), weight) -> (rows, out)
+        kind = self.kind_of(*inputs)
         kernel = self.chosen.get(kind)
         if kernel is not None:
-            return kernel.compute(x, weight)
-        return self._trial(kind, x, weight)
+            return kernel.compute(*inputs)
+        return self._trial(kind, inputs)
 
-    def _trial(self, kind: tuple, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        candidates = [kernel for kernel in self.kernels if kernel.applies(x.shape[0], weight)]
+    def _trial(self, kind: tuple, inputs: tuple) -> torch.Tensor:
+        candidates = [kernel for kernel in self.kernels if kernel.applies(*inputs)]
         times = self.times.setdefault(kind, {kernel.name: [] for kernel in candidates})
         trying = [kernel for kernel in candidates if not self._tried_enough(times, kernel.name)]
         kernel = min(trying, key=lambda candidate: len(times[candidate.name]))  # the least tried
         started = self.clock()
-        y = kernel.compute(x, weight)
+        y = kernel.compute(*inputs)
         times[kernel.name].append(self.clock() - started)
         if all(self._tried_enough(times, candidate.name) for candidate in candidates):
             self.chosen[kind] = min(candidates, key=lambda candidate: min(times[candidate.name]))
@@ -277,3 +290,100 @@ def chosen_kernel(rows: int, weight) -> str:
         return "F.linear"
     kernel = CPU_CHOOSER.chosen.get(product_kind(rows, weight))
     return kernel.name if kernel else "(still timing)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention: softmax(q @ keys^T / sqrt(head_dim), masked) @ values, chosen the same way
+# ------------------------------------------------------------------------------------------------
+# A decode step's attention reads every cached key and value, so at a few thousand cached tokens it
+# costs as much as the matrices. F.scaled_dot_product_attention's CPU kernel works in blocks of
+# query rows, which suits a prompt; with one query row per head, and where the CPU has no bfloat16
+# arithmetic, it can read the cache far below the memory's speed. So attention is chosen by timing
+# too, per (dtype, batch, heads, head_dim, new tokens, cached tokens), the counts rounded up to a
+# power of two, among:
+#
+# - "SDPA": F.scaled_dot_product_attention in the cache's dtype (softmax in float32 inside);
+# - "SDPA in float32": the same on float32 copies of q and of the keys and values read;
+# - "grouped products in float32": the computation written out as two batched products, the n_rep
+#   query heads that share a key/value head stacked as rows of one product. It holds every score at
+#   once, so it is a candidate only up to GROUPED_SCORES scores (16 MiB of float32).
+#
+# Every candidate takes the same numbers (the cache's) and adds in float32; they differ in the order
+# of the additions and in where softmax's float32 result is rounded, by a step of the last bfloat16
+# rounding at most. Other devices use SDPA.
+
+GROUPED_SCORES = 2**22  # batch x heads x new tokens x cached tokens
+
+
+def _sdpa(q, keys, values, mask):
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+def _sdpa_float32(q, keys, values, mask):
+    return _sdpa(q.float(), keys.float(), values.float(), mask).to(q.dtype)
+
+
+def _grouped_float32(q, keys, values, mask):
+    batch, n_heads, seq, head_dim = q.shape
+    n_kv_heads = keys.shape[1]
+    # Query heads k*n_rep ... k*n_rep + n_rep - 1 read key/value head k: one product per k.
+    # The scale goes on the queries, the smaller operand.   rows: (batch, n_kv_heads, n_rep * seq, head_dim)
+    rows = q.float().reshape(batch, n_kv_heads, n_heads // n_kv_heads * seq, head_dim) / math.sqrt(head_dim)
+    scores = rows @ keys.float().transpose(-1, -2)  # (batch, n_kv_heads, n_rep * seq, kv_len)
+    if mask is not None:  # (seq, kv_len), the same for every query head
+        scores = scores.unflatten(2, (-1, seq)).masked_fill(~mask, float("-inf")).flatten(2, 3)
+    out = scores.softmax(dim=-1) @ values.float()  # (batch, n_kv_heads, n_rep*seq, head_dim)
+    return out.view(batch, n_heads, seq, head_dim).to(q.dtype)
+
+
+def _is_reduced_precision(q, keys, values, mask):
+    return q.dtype != torch.float32
+
+
+def _scores_fit(q, keys, values, mask):
+    batch, n_heads, seq, _ = q.shape
+    return batch * n_heads * seq * keys.shape[2] <= GROUPED_SCORES
+
+
+ATTENTION_KERNELS = (
+    Kernel("SDPA", _sdpa),
+    Kernel("SDPA in float32", _sdpa_float32, _is_reduced_precision),
+    Kernel("grouped products in float32", _grouped_float32, _scores_fit),
+)
+
+
+def attention_kind(q, keys, values, mask) -> tuple:
+    """(dtype, batch, heads, key/value heads, head_dim, new tokens, cached tokens), counts rounded up
+    to a power of two: a decode step's kind changes as the cache grows past each power of two."""
+    batch, n_heads, seq, head_dim = q.shape
+    return (q.dtype, power_of_two_above(batch), n_heads, keys.shape[1], head_dim, power_of_two_above(seq),
+            power_of_two_above(keys.shape[2]))
+
+
+ATTENTION_CHOOSER = KernelChooser(ATTENTION_KERNELS, kind_of=attention_kind)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+    """Each query's weighted sum of values, weights softmax(q . key / sqrt(head_dim)) over the keys
+    mask allows; query head i reads key/value head i // n_rep.
+
+    q (batch, n_heads, seq, head_dim), keys and values (batch, n_kv_heads, kv_len, head_dim), mask
+    (seq, kv_len) bool or None (all allowed) -> (batch, n_heads, seq, head_dim) in q's dtype."""
+    if q.device.type != "cpu":
+        return _sdpa(q, keys, values, mask)
+    return ATTENTION_CHOOSER(q, keys, values, mask)
+
+
+def chosen_attention(batch: int, seq: int = 1) -> str:
+    """The attention kernels chosen so far for `seq` new tokens per sequence, with the cache sizes
+    each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32 (<= 128, 256)"."""
+    served = {}  # kernel name -> cache sizes
+    for kind, kernel in sorted(ATTENTION_CHOOSER.chosen.items(), key=lambda item: item[0][-1]):
+        if kind[1] == power_of_two_above(batch) and kind[5] == power_of_two_above(seq):
+            served.setdefault(kernel.name, []).append(str(kind[-1]))
+    return "; ".join(f"{name} (cached <= {', '.join(sizes)})" for name, sizes in served.items())
+
+
+def trials_run() -> int:
+    """Timed trials of both choosers so far: a profile leaves out the steps in which this grew."""
+    return CPU_CHOOSER.trials_run + ATTENTION_CHOOSER.trials_run
