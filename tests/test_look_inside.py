@@ -20,7 +20,7 @@ if str(REPO_ROOT) not in sys.path:  # run_inference.py is a script at the reposi
 
 import run_inference  # noqa: E402
 from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
-from llama_models.llama3 import load_llama, products  # noqa: E402
+from llama_models.llama3 import load_llama  # noqa: E402
 from llama_models.llama3.quantize import fbgemm_available  # noqa: E402
 
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # BOS + "Hello, world" as bytes
