@@ -535,15 +535,70 @@ def quantized_folder(meta_folder: Path, scheme: str) -> Path:
     return meta_folder.parent / scheme
 
 
+# Decoding after a long text (--cached N): decode steps at N positions already in the KV cache.
+# The N positions are not prefilled (that would take minutes at N = 4096 in bfloat16 here): each side's
+# cache is left holding zeros, and the numbers in it do not change a step's work.
+
+
+def time_cached_steps(step, cached: int, new_tokens: int, repeats: int) -> dict:
+    """step(position) runs one decode step; a warm-up pass over the positions (where products.py
+    runs its trials), then `repeats` timed passes: the median step, the fastest, and all of them."""
+    for position in range(cached, cached + new_tokens):
+        step(position)
+    steps = []
+    for _ in range(repeats):
+        for position in range(cached, cached + new_tokens):
+            started = time.perf_counter()
+            step(position)
+            steps.append(time.perf_counter() - started)
+    return {"step_s": statistics.median(steps), "step_min_s": min(steps), "steps_s": steps}
+
+
+def worker_ours_cached(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
+                       report: Report, cached: int) -> None:
+    from llama_models.llama3 import load_llama, products
+
+    model, _ = load_llama(folder, device="cpu", dtype=dtype, max_seq_len=cached + new_tokens)
+    token = torch.tensor([[random_prompt(1)[0]]])
+    with torch.inference_mode():
+        report.save(cached_decode=time_cached_steps(lambda position: model(token, start_pos=position), cached,
+                                                    new_tokens, repeats))
+    report.save(attention_kernels=products.chosen_attention(batch=1))
+
+
+def worker_transformers_cached(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
+                               report: Report, cached: int) -> None:
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+    config = model.config
+    cache = DynamicCache()
+    kv_shape = (1, config.num_key_value_heads, cached, config.hidden_size // config.num_attention_heads)
+    for layer in range(config.num_hidden_layers):
+        cache.update(torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype), layer)
+    token = torch.tensor([[random_prompt(1)[0]]])
+
+    def step(position: int) -> None:
+        if position == cached and cache.get_seq_length() > cached:  # a new pass: back to the N cached ones
+            cache.crop(cached - cache.get_seq_length())  # (a negative count: remove that many)
+        model(input_ids=token, cache=cache, use_cache=True, cache_position=torch.tensor([position]))
+
+    with torch.inference_mode():
+        report.save(cached_decode=time_cached_steps(step, cached, new_tokens, repeats))
+
+
 WORKERS = {"ours": worker_ours, "transformers": worker_transformers,
-           "side_by_side": worker_prefills_side_by_side, "quantize_tool": worker_quantize_tool}
+           "side_by_side": worker_prefills_side_by_side, "quantize_tool": worker_quantize_tool,
+           "ours_cached": worker_ours_cached, "transformers_cached": worker_transformers_cached}
 
 
 def run_worker_main(options) -> None:
     report = Report(Path(options.result))
-    quantized = {"quantize": options.scheme} if options.scheme else {}  # ours only
+    extra = {"quantize": options.scheme} if options.scheme else {}  # ours only
+    if options.worker.endswith("_cached"):
+        extra["cached"] = options.cached
     WORKERS[options.worker](Path(options.checkpoint), DTYPES[options.dtype], options.prompt_tokens, options.new_tokens,
-                            options.repeats, report, **quantized)
+                            options.repeats, report, **extra)
 
 
 # ================================================================================================
@@ -557,7 +612,8 @@ def run_worker(worker: str, folder: Path, dtype: str, options, scheme: str = Non
         result = Path(scratch) / "report.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--checkpoint", str(folder),
                    "--dtype", dtype, "--prompt-tokens", str(options.prompt_tokens),
-                   "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats), "--result", str(result)]
+                   "--new-tokens", str(options.new_tokens), "--repeats", str(options.repeats), "--result", str(result),
+                   "--cached", str(options.cached)]
         command += ["--scheme", scheme] if scheme else []
         what = scheme or (f"{folder.name} folder" if folder.name in STORED_SCHEMES else DTYPE_NAMES[dtype])
         print(f"  {worker:<13} {what} ...", end="", flush=True)
@@ -620,6 +676,8 @@ def derived_metrics(report: dict, prompt_tokens: int) -> dict:
     out = {}
     if "greedy" in report:
         out["decode_tok_s"] = 1 / report["greedy"]["step_s"]
+    if "cached_decode" in report:
+        out["cached_decode_tok_s"] = 1 / report["cached_decode"]["step_s"]
     if "prefill_s" in report:
         out["prefill_tok_s"] = prompt_tokens / report["prefill_s"]
     if "beam" in report:
@@ -644,6 +702,7 @@ def at_least(value, limit):
 ROWS = [
     ("decode_tok_s", "decode tok/s", "decode_tok_s",
      lambda o, t, r: None if t is None else r >= 0.55 and t >= 1.25, ">=0.55 roofline, >=1.25 vs tf (bf16)"),
+    ("cached_decode_tok_s", "decode tok/s, --cached positions", "cached_decode_tok_s", None, ""),
     ("prefill_tok_s", "prefill tok/s", None, lambda o, t, r: at_least(t, 1.0), ">=1 vs tf"),
     ("beam_steps_s", "beam-4 steps/s", "beam_steps_s", None, ""),
     ("beam_step_vs_greedy", "beam-4 step / greedy step (x)", None, lambda o, t, r: o <= 1.6, "<=1.6"),
@@ -669,6 +728,8 @@ def table_rows(dtype: str, ours: dict, theirs: dict, roofline: dict) -> list:
     rows = []
     for key, label, roof_key, check, target_text in ROWS:
         mine, other, roof = ours.get(key), theirs.get(key), roofline.get(roof_key)
+        if mine is None and other is None:  # not measured in this run (--cached), or both failed (see the notes)
+            continue
         vs_tf = mine / other if mine is not None and other else None
         vs_roof = mine / roof if mine is not None and roof else None
         target = ""
@@ -699,11 +760,13 @@ def print_table(title: str, rows: list, notes: list, header: tuple = HEADER) -> 
     print("\n".join(notes))
 
 
-def roofline_for(args: ModelArgs, dtype: torch.dtype, bandwidth: float, prompt_tokens: int, new_tokens: int) -> dict:
+def roofline_for(args: ModelArgs, dtype: torch.dtype, bandwidth: float, prompt_tokens: int, new_tokens: int,
+                 cached: int) -> dict:
     kv_len = prompt_tokens + new_tokens / 2  # the average position of a decode step
     return {
         "bytes_per_token": bytes_per_token(args, dtype, kv_len),
         "decode_tok_s": bandwidth / bytes_per_token(args, dtype, kv_len),
+        "cached_decode_tok_s": bandwidth / bytes_per_token(args, dtype, cached + new_tokens / 2) if cached else None,
         "beam_steps_s": bandwidth / bytes_per_token(args, dtype, kv_len, batch=BEAM_WIDTH),
         "memory_mib": ideal_memory_bytes(args, dtype, prompt_tokens, new_tokens) / MIB,
     }
@@ -730,6 +793,8 @@ def parse_options(argv=None):
     parser.add_argument("--json", type=Path, help="also write every number to this file")
     parser.add_argument("--quantize", default="", help="comma-separated, of int8 and int4: our quantized model "
                         "too, beside our bfloat16 one")
+    parser.add_argument("--cached", type=int, default=0, help="also decode at this many positions already in "
+                        "the KV cache, e.g. 4096 (default 0: not measured)")
     for internal in ("--worker", "--checkpoint", "--dtype", "--result", "--scheme"):  # the parent calls itself
         parser.add_argument(internal, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -746,6 +811,8 @@ def parse_options(argv=None):
         parser.error("--new-tokens must be at least 2 (the first token comes from the prefill)")
     if options.prompt_tokens < 1:
         parser.error("--prompt-tokens must be at least 1")
+    if options.cached < 0:
+        parser.error("--cached must be 0 (not measured) or more")
     return options
 
 
@@ -850,6 +917,10 @@ def run_workers(dtype: str, args: ModelArgs, meta_folder: Path, hf_folder, optio
         # Two copies of the weights in one process: only where they fit with room to spare.
         if 2 * ideal_memory_bytes(args, DTYPES[dtype], 0, 0) < 0.8 * meminfo_bytes("MemTotal"):
             reports["side_by_side"] = run_worker("side_by_side", meta_folder, dtype, options)
+    if options.cached:
+        reports["ours_cached"] = run_worker("ours_cached", meta_folder, dtype, options)
+        if hf_folder is not None:
+            reports["transformers_cached"] = run_worker("transformers_cached", hf_folder, dtype, options)
     return reports
 
 
@@ -864,11 +935,13 @@ def use_side_by_side_prefills(metrics: dict, side_by_side: dict, prompt_tokens: 
 
 def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, options) -> dict:
     """Everything about one dtype: raw worker reports, derived metrics, roofline, table rows, notes."""
-    roofline = roofline_for(args, DTYPES[dtype], bandwidth, options.prompt_tokens, options.new_tokens)
+    roofline = roofline_for(args, DTYPES[dtype], bandwidth, options.prompt_tokens, options.new_tokens, options.cached)
     if "skipped" in reports:
         return {"roofline": roofline, "rows": [], "notes": [reports["skipped"]]}
     metrics = {side: derived_metrics(report, options.prompt_tokens) for side, report in reports.items()
-               if side != "side_by_side"}
+               if side in ("ours", "transformers")}
+    for side in metrics:  # the --cached workers' decode rate joins its side's row
+        metrics[side].update(derived_metrics(reports.get(f"{side}_cached", {}), options.prompt_tokens))
     notes = []
     if "prefill_s" in reports.get("side_by_side", {}):
         notes.append(use_side_by_side_prefills(metrics, reports["side_by_side"], options.prompt_tokens))
@@ -879,6 +952,9 @@ def summarise(dtype: str, reports: dict, args: ModelArgs, bandwidth: float, opti
             notes.append(f"{side}: RSS before loading {report['rss_baseline_mib']:.0f} MiB")
         if "kernels" in report:
             notes.append(f"{side}: {kernels_note(report['kernels'])}")
+        if "attention_kernels" in report:
+            notes.append(f"{side}: attention at {options.cached} cached positions (products.py): "
+                         f"{report['attention_kernels']}")
     if "transformers" not in reports:
         notes.append("transformers: not run")
     rows = table_rows(dtype, metrics["ours"], metrics.get("transformers", {}), roofline)
