@@ -295,11 +295,12 @@ def chosen_kernel(rows: int, weight) -> str:
 # ------------------------------------------------------------------------------------------------
 # Attention: softmax(q @ keys^T / sqrt(head_dim), masked) @ values, chosen the same way
 # ------------------------------------------------------------------------------------------------
-# A decode step's attention reads every cached key and value, so at a few thousand cached tokens it
-# costs as much as the matrices. F.scaled_dot_product_attention's CPU kernel works in blocks of
-# query rows, which suits a prompt; with one query row per head, and where the CPU has no bfloat16
-# arithmetic, it can read the cache far below the memory's speed. So attention is chosen by timing
-# too, per (dtype, batch, heads, head_dim, new tokens, cached tokens), the counts rounded up to a
+# A decode step's attention reads every cached key and value: for Llama 3.2 1B at 4,096 cached
+# tokens, 128 MiB in bfloat16, a twentieth of what the matrices read. F.scaled_dot_product_attention's
+# CPU kernel works in blocks of query rows, which suits a prompt; with one query row per head, and
+# where the CPU has no bfloat16 arithmetic, it can read the cache many times below the memory's
+# speed (README, "Speed and memory, measured"). So attention is chosen by timing too, per (dtype,
+# batch, heads, key/value heads, head_dim, new tokens, cached tokens), the counts rounded up to a
 # power of two, among:
 #
 # - "SDPA": F.scaled_dot_product_attention in the cache's dtype (softmax in float32 inside);
@@ -308,9 +309,10 @@ def chosen_kernel(rows: int, weight) -> str:
 #   query heads that share a key/value head stacked as rows of one product. It holds every score at
 #   once, so it is a candidate only up to GROUPED_SCORES scores (16 MiB of float32).
 #
-# Every candidate takes the same numbers (the cache's) and adds in float32; they differ in the order
-# of the additions and in where softmax's float32 result is rounded, by a step of the last bfloat16
-# rounding at most. Other devices use SDPA.
+# Every candidate takes the same numbers (the cache's), takes the softmax in float32 and adds in
+# float32. They differ in the order of the additions, and SDPA in bfloat16 may round the softmax's
+# weights to bfloat16 before multiplying the values (a relative 2^-9 each), where the float32
+# candidates round only the result. Other devices use SDPA.
 
 GROUPED_SCORES = 2**22  # batch x heads x new tokens x cached tokens
 
@@ -332,7 +334,7 @@ def _grouped_float32(q, keys, values, mask):
     scores = rows @ keys.float().transpose(-1, -2)  # (batch, n_kv_heads, n_rep * seq, kv_len)
     if mask is not None:  # (seq, kv_len), the same for every query head
         scores = scores.unflatten(2, (-1, seq)).masked_fill(~mask, float("-inf")).flatten(2, 3)
-    out = scores.softmax(dim=-1) @ values.float()  # (batch, n_kv_heads, n_rep*seq, head_dim)
+    out = scores.softmax(dim=-1) @ values.float()  # (batch, n_kv_heads, n_rep * seq, head_dim)
     return out.view(batch, n_heads, seq, head_dim).to(q.dtype)
 
 
@@ -376,7 +378,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -
 
 def chosen_attention(batch: int, seq: int = 1) -> str:
     """The attention kernels chosen so far for `seq` new tokens per sequence, with the cache sizes
-    each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32 (<= 128, 256)"."""
+    each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32 (cached <= 128, 256)"."""
     served = {}  # kernel name -> cache sizes
     for kind, kernel in sorted(ATTENTION_CHOOSER.chosen.items(), key=lambda item: item[0][-1]):
         if kind[1] == power_of_two_above(batch) and kind[5] == power_of_two_above(seq):
