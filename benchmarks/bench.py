@@ -536,8 +536,9 @@ def quantized_folder(meta_folder: Path, scheme: str) -> Path:
 
 
 # Decoding after a long text (--cached N): decode steps at N positions already in the KV cache.
-# The N positions are not prefilled (that would take minutes at N = 4096 in bfloat16 here): each side's
-# cache is left holding zeros, and the numbers in it do not change a step's work.
+# The N positions are not prefilled (a long prefill in bfloat16 is slow where the CPU has no bfloat16
+# arithmetic): each side's cache is left holding zeros, and the numbers in it do not change a step's
+# work. Each side's step is its model's forward pass called directly, not through a generation loop.
 
 
 def time_cached_steps(step, cached: int, new_tokens: int, repeats: int) -> dict:
@@ -573,7 +574,7 @@ def worker_transformers_cached(folder: Path, dtype: torch.dtype, prompt_tokens: 
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
     config = model.config
     cache = DynamicCache()
-    kv_shape = (1, config.num_key_value_heads, cached, config.hidden_size // config.num_attention_heads)
+    kv_shape = (1, config.num_key_value_heads, cached, config.head_dim)
     for layer in range(config.num_hidden_layers):
         cache.update(torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype), layer)
     token = torch.tensor([[random_prompt(1)[0]]])
@@ -581,7 +582,7 @@ def worker_transformers_cached(folder: Path, dtype: torch.dtype, prompt_tokens: 
     def step(position: int) -> None:
         if position == cached and cache.get_seq_length() > cached:  # a new pass: back to the N cached ones
             cache.crop(cached - cache.get_seq_length())  # (a negative count: remove that many)
-        model(input_ids=token, cache=cache, use_cache=True, cache_position=torch.tensor([position]))
+        model(input_ids=token, cache=cache, use_cache=True)  # it takes the position from the cache's length
 
     with torch.inference_mode():
         report.save(cached_decode=time_cached_steps(step, cached, new_tokens, repeats))

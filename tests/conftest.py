@@ -27,3 +27,13 @@ def fresh_choosers(monkeypatch):
     monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
     monkeypatch.setattr(products, "ATTENTION_CHOOSER",
                         products.KernelChooser(products.ATTENTION_KERNELS, kind_of=products.attention_kind))
+
+
+@pytest.fixture
+def one_attention_kernel(monkeypatch):
+    """SDPA only: two models compared bit for bit must not depend on which attention candidates the
+    global chooser's trials happened to run for each."""
+    from llama_models.llama3 import products
+
+    monkeypatch.setattr(products, "ATTENTION_CHOOSER",
+                        products.KernelChooser(products.ATTENTION_KERNELS[:1], kind_of=products.attention_kind))

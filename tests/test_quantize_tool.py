@@ -16,7 +16,7 @@ import torch
 from checkpoints import folder_snapshot
 from llama_models import quantize as tool
 from llama_models import reshard
-from llama_models.llama3 import LlamaError, load_llama, products
+from llama_models.llama3 import LlamaError, load_llama
 from llama_models.llama3.quantize import Int4Weight
 
 SCHEMES = ["int8", "int4"]
@@ -53,10 +53,8 @@ def logits_of(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("shape", ["gqa4", "gqa3"])  # tied output (Llama 3.2) and a separate one
-def test_the_folder_loads_what_quantizing_at_load_gives(tiny_checkpoint, quantized, monkeypatch, shape, scheme):
-    # Bit for bit needs one attention kernel for both models, not two that the trials happened to run.
-    monkeypatch.setattr(products, "ATTENTION_CHOOSER",
-                        products.KernelChooser(products.ATTENTION_KERNELS[:1], kind_of=products.attention_kind))
+def test_the_folder_loads_what_quantizing_at_load_gives(tiny_checkpoint, quantized, one_attention_kernel, shape,
+                                                        scheme):
     source = tiny_checkpoint(shape)
     before = folder_snapshot(source)
     folder = quantized(shape, scheme)
@@ -170,7 +168,7 @@ def test_the_tool_runs_as_a_module(tiny_checkpoint, tmp_path):
     assert (tmp_path / "int4" / "consolidated.00.pth").is_file()
 
 
-def test_load_llama_takes_the_folder_with_its_own_scheme_or_none(quantized):
+def test_load_llama_takes_the_folder_with_its_own_scheme_or_none(quantized, one_attention_kernel):
     folder = quantized("gqa4", "int4")
     as_is, _ = load_llama(folder, max_seq_len=16)
     asked, _ = load_llama(folder, max_seq_len=16, quantize="int4")

@@ -1,4 +1,4 @@
-"""Matrix products: which PyTorch kernel computes x @ W.T, chosen by timing the candidates here.
+"""Matrix products and attention: which PyTorch kernel computes each, chosen by timing the candidates here.
 
 Every linear layer of the model calls `linear(x, weight)`. PyTorch has several kernels that compute
 that product, and which one is fastest depends on the CPU, its instruction set, the libraries in the
@@ -65,7 +65,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -201,13 +201,13 @@ CPU_KERNELS = (
 )
 
 
-def power_of_two_above(n: int) -> int:
+def power_of_two_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
 def product_kind(rows: int, weight: torch.Tensor) -> tuple:
     """What a choice is made for: (dtype, weight shape, rows rounded up to a power of two)."""
-    return (weight.dtype, tuple(weight.shape), power_of_two_above(rows))
+    return (weight.dtype, tuple(weight.shape), power_of_two_at_least(rows))
 
 
 def _linear_kind(x: torch.Tensor, weight) -> tuple:
@@ -307,7 +307,8 @@ def chosen_kernel(rows: int, weight) -> str:
 # - "SDPA in float32": the same on float32 copies of q and of the keys and values read;
 # - "grouped products in float32": the computation written out as two batched products, the n_rep
 #   query heads that share a key/value head stacked as rows of one product. It holds every score at
-#   once, so it is a candidate only up to GROUPED_SCORES scores (16 MiB of float32).
+#   once, so it is a candidate only up to GROUPED_SCORES scores (16 MiB of float32), counted on the
+#   kind's rounded-up counts: every product of a kind has the same candidates.
 #
 # Every candidate takes the same numbers (the cache's), takes the softmax in float32 and adds in
 # float32. They differ in the order of the additions, and SDPA in bfloat16 may round the softmax's
@@ -343,8 +344,8 @@ def _is_reduced_precision(q, keys, values, mask):
 
 
 def _scores_fit(q, keys, values, mask):
-    batch, n_heads, seq, _ = q.shape
-    return batch * n_heads * seq * keys.shape[2] <= GROUPED_SCORES
+    kind = attention_kind(q, keys, values, mask)
+    return kind.batch * kind.n_heads * kind.new_tokens * kind.cached_tokens <= GROUPED_SCORES
 
 
 ATTENTION_KERNELS = (
@@ -354,12 +355,23 @@ ATTENTION_KERNELS = (
 )
 
 
-def attention_kind(q, keys, values, mask) -> tuple:
-    """(dtype, batch, heads, key/value heads, head_dim, new tokens, cached tokens), counts rounded up
-    to a power of two: a decode step's kind changes as the cache grows past each power of two."""
+class AttentionKind(NamedTuple):
+    """What an attention choice is made for. batch, new_tokens and cached_tokens are rounded up to a
+    power of two: a decode step's kind changes as the cache grows past each power of two."""
+
+    dtype: torch.dtype
+    batch: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    new_tokens: int
+    cached_tokens: int
+
+
+def attention_kind(q, keys, values, mask) -> AttentionKind:
     batch, n_heads, seq, head_dim = q.shape
-    return (q.dtype, power_of_two_above(batch), n_heads, keys.shape[1], head_dim, power_of_two_above(seq),
-            power_of_two_above(keys.shape[2]))
+    return AttentionKind(q.dtype, power_of_two_at_least(batch), n_heads, keys.shape[1], head_dim,
+                         power_of_two_at_least(seq), power_of_two_at_least(keys.shape[2]))
 
 
 ATTENTION_CHOOSER = KernelChooser(ATTENTION_KERNELS, kind_of=attention_kind)
@@ -378,12 +390,13 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -
 
 def chosen_attention(batch: int, seq: int = 1) -> str:
     """The attention kernels chosen so far for `seq` new tokens per sequence, with the cache sizes
-    each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32 (cached <= 128, 256)"."""
+    each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32 (cached <= 128, 256)",
+    or "(still timing)"."""
     served = {}  # kernel name -> cache sizes
-    for kind, kernel in sorted(ATTENTION_CHOOSER.chosen.items(), key=lambda item: item[0][-1]):
-        if kind[1] == power_of_two_above(batch) and kind[5] == power_of_two_above(seq):
-            served.setdefault(kernel.name, []).append(str(kind[-1]))
-    return "; ".join(f"{name} (cached <= {', '.join(sizes)})" for name, sizes in served.items())
+    for kind, kernel in sorted(ATTENTION_CHOOSER.chosen.items(), key=lambda item: item[0].cached_tokens):
+        if kind.batch == power_of_two_at_least(batch) and kind.new_tokens == power_of_two_at_least(seq):
+            served.setdefault(kernel.name, []).append(str(kind.cached_tokens))
+    return "; ".join(f"{name} (cached <= {', '.join(sizes)})" for name, sizes in served.items()) or "(still timing)"
 
 
 def trials_run() -> int:
