@@ -962,7 +962,7 @@ class StepProfile:
 def part_kernels(model, part: str, rows: int) -> str:
     """The product kernels a part uses (products.py chose them by timing), e.g. "F.linear (wq, wo)"."""
     if part == "attention":
-        return products.chosen_attention(batch=rows) if model.output.weight.device.type == "cpu" else "SDPA"
+        return products.chosen_attention(model.output.weight.device, batch=rows)
     users = {}  # kernel name -> the weight names that use it
     for name, module in model.named_modules():
         if profile_part(name) == part and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):

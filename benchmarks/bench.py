@@ -399,6 +399,11 @@ def time_repeatedly(clock: ForwardClock, generate, repeats: int, prefill_passes:
     for _ in range(repeats):
         _, step_times = clock.time_generation(generate, prefill_passes, new_tokens)
         steps += step_times
+    return step_summary(steps)
+
+
+def step_summary(steps: list) -> dict:
+    """Seconds of decode steps -> the median step, the fastest, and all of them."""
     return {"step_s": statistics.median(steps), "step_min_s": min(steps), "steps_s": steps}
 
 
@@ -552,7 +557,7 @@ def time_cached_steps(step, cached: int, new_tokens: int, repeats: int) -> dict:
             started = time.perf_counter()
             step(position)
             steps.append(time.perf_counter() - started)
-    return {"step_s": statistics.median(steps), "step_min_s": min(steps), "steps_s": steps}
+    return step_summary(steps)
 
 
 def worker_ours_cached(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,
@@ -564,7 +569,7 @@ def worker_ours_cached(folder: Path, dtype: torch.dtype, prompt_tokens: int, new
     with torch.inference_mode():
         report.save(cached_decode=time_cached_steps(lambda position: model(token, start_pos=position), cached,
                                                     new_tokens, repeats))
-    report.save(attention_kernels=products.chosen_attention(batch=1))
+    report.save(attention_kernels=products.chosen_attention(torch.device("cpu"), batch=1))
 
 
 def worker_transformers_cached(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens: int, repeats: int,

@@ -216,11 +216,12 @@ def test_a_decode_steps_attention_is_chosen_again_as_the_cache_doubles(fresh_cho
     for _ in range(products.TRIALS * len(products.ATTENTION_KERNELS)):
         out = products.attention(*attention_inputs(1, 1, 7, BF16))
     assert out.shape == (1, 6, 1, 16)
-    chosen = products.chosen_attention(batch=1)
+    chosen = products.chosen_attention(torch.device("cpu"), batch=1)
     assert chosen.endswith("(cached <= 8)") and chosen.split(" (")[0] in {k.name for k in products.ATTENTION_KERNELS}
-    assert products.chosen_attention(batch=4) == "(still timing)"
+    assert products.chosen_attention(torch.device("cpu"), batch=4) == "(still timing)"
 
 
 def test_other_devices_use_sdpa():
     q, keys, values, _ = (t.to("meta") if t is not None else t for t in attention_inputs(1, 1, 7, BF16))
     assert products.attention(q, keys, values, None).shape == (1, 6, 1, 16)
+    assert products.chosen_attention(q.device, batch=1) == "SDPA"

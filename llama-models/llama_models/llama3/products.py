@@ -388,10 +388,12 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -
     return ATTENTION_CHOOSER(q, keys, values, mask)
 
 
-def chosen_attention(batch: int, seq: int = 1) -> str:
-    """The attention kernels chosen so far for `seq` new tokens per sequence, with the cache sizes
-    each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32 (cached <= 128, 256)",
-    or "(still timing)"."""
+def chosen_attention(device: torch.device, batch: int, seq: int = 1) -> str:
+    """The attention kernels chosen so far on `device` for `seq` new tokens per sequence, with the
+    cache sizes each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32
+    (cached <= 128, 256)"; "SDPA" off the CPU, or "(still timing)"."""
+    if device.type != "cpu":
+        return "SDPA"
     served = {}  # kernel name -> cache sizes
     for kind, kernel in sorted(ATTENTION_CHOOSER.chosen.items(), key=lambda item: item[0].cached_tokens):
         if kind.batch == power_of_two_at_least(batch) and kind.new_tokens == power_of_two_at_least(seq):
