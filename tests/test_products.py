@@ -116,11 +116,24 @@ def test_linear_keeps_the_leading_dimensions(fresh_choosers):
     assert products.chosen_kernel(1, weight) == "(still timing)"
 
 
-def test_other_devices_use_f_linear():
+def test_other_devices_use_f_linear(fresh_choosers):
     """The meta device (shapes, no data) stands in for a GPU, which this machine may not have."""
     x, weight = torch.ones(1, 3, 64, dtype=BF16, device="meta"), torch.ones(96, 64, dtype=BF16, device="meta")
     assert products.linear(x, weight).shape == (1, 3, 96)
+    assert products.CPU_CHOOSER.times == {}  # no CPU candidate was timed on it
     assert products.chosen_kernel(3, weight) == "F.linear"
+
+
+def test_every_product_of_a_kind_has_the_same_candidates(fresh_choosers, monkeypatch):
+    """Whatever the prompt threshold, 9 and 10 rows are one kind (16): the one that comes second must
+    meet the candidates the first one's trials were recorded for."""
+    monkeypatch.setattr(products, "MIN_ROWS_FOR_FLOAT32_COPY", 10)
+    weight = torch.randn(96, 64, dtype=BF16)
+    for _ in range(products.TRIALS * len(products.CPU_KERNELS)):
+        for rows in (9, 10):
+            products.linear(torch.randn(rows, 64, dtype=BF16), weight)
+    assert "float32 copy" in products.CPU_CHOOSER.times[products.product_kind(9, weight)]
+    assert products.chosen_kernel(9, weight) == products.chosen_kernel(10, weight) != "(still timing)"
 
 
 def test_onednn_off_restores_the_setting():
@@ -144,7 +157,7 @@ def test_bfloat16_model_stays_close_to_float32_whatever_is_chosen(tiny_checkpoin
     relative_error = (logits - reference).norm() / reference.norm()
     assert relative_error.item() < 0.05
     for chooser in (products.CPU_CHOOSER, products.ATTENTION_CHOOSER):  # several candidates ran
-        assert sum(len(times) for times in chooser.times.values()) >= 3
+        assert sum(1 for kind in chooser.times.values() for trials in kind.values() if trials) >= 3
 
 
 def test_chooser_stops_trying_a_candidate_far_slower_than_the_fastest():
@@ -221,7 +234,8 @@ def test_a_decode_steps_attention_is_chosen_again_as_the_cache_doubles(fresh_cho
     assert products.chosen_attention(torch.device("cpu"), batch=4) == "(still timing)"
 
 
-def test_other_devices_use_sdpa():
+def test_other_devices_use_sdpa(fresh_choosers):
     q, keys, values, _ = (t.to("meta") if t is not None else t for t in attention_inputs(1, 1, 7, BF16))
     assert products.attention(q, keys, values, None).shape == (1, 6, 1, 16)
+    assert products.ATTENTION_CHOOSER.times == {}  # no CPU candidate was timed on it
     assert products.chosen_attention(q.device, batch=1) == "SDPA"

@@ -178,8 +178,13 @@ def _is_float16(x, weight):
     return weight.dtype == "fp16"
 
 
+def _is_prompt(x, weight):
+    # On the kind's rounded rows, not x's own: every product of a kind must have the same candidates.
+    return power_of_two_at_least(x.shape[0]) >= MIN_ROWS_FOR_FLOAT32_COPY
+
+
 def _is_dequantizable_prompt(x, weight):
-    return x.shape[0] >= MIN_ROWS_FOR_FLOAT32_COPY and not _is_plain(x, weight) and weight.can_dequantize
+    return _is_prompt(x, weight) and not _is_plain(x, weight) and weight.can_dequantize
 
 
 CPU_KERNELS = (
@@ -190,7 +195,7 @@ CPU_KERNELS = (
     Kernel("torch.mv, oneDNN off", _without_onednn(_matrix_vector),
            lambda x, weight: x.shape[0] == 1 and _is_bfloat16(x, weight)),
     Kernel("float32 copy", _float32_copy,
-           lambda x, weight: x.shape[0] >= MIN_ROWS_FOR_FLOAT32_COPY and _is_bfloat16(x, weight)),
+           lambda x, weight: _is_prompt(x, weight) and _is_bfloat16(x, weight)),
     Kernel("row blocks", _row_blocks,
            lambda x, weight: _is_plain(x, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
     Kernel("int8 kernel", _int8_kernel, _is_int8),
