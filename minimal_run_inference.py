@@ -55,7 +55,7 @@ def main():
 
     if isinstance(MAX_NEW_TOKENS, bool) or not isinstance(MAX_NEW_TOKENS, int) or MAX_NEW_TOKENS < 1:
         raise LlamaError(f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS!r}: write a whole number of at least 1")
-    context = 131072 if params.use_scaled_rope else 8192  # trained context: 128k for Llama 3.1+, 8k before
+    context = params.trained_context  # 128k tokens for Llama 3.1 and later, 8k before
     if len(prompt) + MAX_NEW_TOKENS > context:
         raise LlamaError(f"the prompt ({len(prompt)} tokens) leaves no room to answer in {context}: shorten it")
 

@@ -7,7 +7,7 @@ The settings at the top are the whole interface. The file then reads top to bott
 same stages as minimal_run_inference.py, with the explanations that one leaves out:
 
     1. Settings                      6. Load the weights
-    2. Start torch.distributed       6b. Quantize the weights: int8, int4
+    2. Start torch.distributed       6b. Quantize the weights: int8, int4, fp16
     3. Read params.json              7. Decode: greedy, beam search, sampling (prefill + KV cache)
     4. Tokenize the prompt           7b. Chat: a conversation that keeps its KV cache
     5. Build the Transformer         7c. Looking inside: alternatives, logit lens, memory, attention,
@@ -192,11 +192,6 @@ def is_instruct(model_name: str) -> bool:
     return IS_INSTRUCT if IS_INSTRUCT is not None else "instruct" in model_name.lower()
 
 
-def trained_context_length(args: ModelArgs) -> int:
-    """Llama 3.1 and later (scaled RoPE) were trained up to 128k tokens; the April 2024 Llama 3 to 8k."""
-    return 131072 if args.use_scaled_rope else 8192
-
-
 # ================================================================================================
 # 4. Tokenize the prompt
 # ================================================================================================
@@ -260,7 +255,7 @@ def show_prompt_tokens(tokenizer: Tokenizer, prompt: list) -> None:
 
 
 def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> ModelArgs:
-    context = trained_context_length(params)
+    context = params.trained_context
     if prompt_length >= context:
         raise LlamaError(
             f"the prompt is {prompt_length} tokens but the model's context is {context}: shorten INPUT_STRING"
@@ -282,8 +277,8 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # ================================================================================================
 # 6b. Quantize the weights (QUANTIZE = "int8", "int4" or "fp16")
 # ================================================================================================
-# A decode step reads every weight once, so it takes as long as the memory needs to deliver them:
-# bytes per weight decide the speed. bfloat16 stores 2 bytes a weight. int8 stores 1, plus one
+# A decode step reads every weight once, so it takes at least as long as the memory needs to deliver
+# them: bytes per weight set the limit on its speed. bfloat16 stores 2 bytes a weight. int8 stores 1, plus one
 # scale per row of 2048 or more: w ~ q * scale with q a whole number from -127 to 127. int4 stores
 # half a byte, plus a scale and a zero point per group of 32 inputs (2 x 2 bytes / 32 = 1/8 byte
 # more): w ~ (q - 8) * scale + zero with q from 0 to 15. Llama 3.2 1B's 2.5 GB become 1.3 GB or 0.8 GB,
@@ -295,14 +290,17 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 #
 # Why decoding gets faster and a prompt may not: PyTorch's int8 and int4 kernels read the small
 # numbers and convert each to the activations' dtype as they multiply. For one row (a decode step)
-# the conversion hides behind the memory's speed, and fewer bytes win. For a prompt of many rows
-# every weight is used many times, the conversion is repeated for each, and the time is arithmetic:
-# there converting the whole matrix back once ("dequantized", for the length of one product) can be
-# faster. products.py times both on the first products of each kind and keeps the faster.
+# that conversion is done once per weight read, so fewer bytes win as long as the CPU converts
+# faster than the memory delivers; where it does not, the arithmetic sets the pace (README,
+# "Measured": on a 2-core AVX2 EPYC int4 decoded slower than int8). For a prompt of many rows every
+# weight is used many times, the conversion is repeated for each, and the time is arithmetic: there
+# converting an int8 matrix back once ("dequantized", for the length of one product) can be faster.
+# products.py times the candidates on the first products of each kind and keeps the fastest.
 #
 # llama_models/llama3/quantize.py quantizes each matrix as it is loaded, frees the bfloat16 original,
 # and keeps the embedding and the output layer one matrix where Llama 3.2 shares them. Quantizing
-# takes time at every start (8B: about a minute), so it can be done once instead:
+# takes time at every start (8B: 40 to 60 s on the 2-core EPYC of README's tables), so it can be done
+# once instead:
 #     python -m llama_models.quantize ~/.llama/checkpoints/Llama3.1-8B-Instruct ~/.llama/checkpoints/Llama3.1-8B-Instruct-int4 int4
 # writes a folder whose params.json names the scheme; point MODEL_NAME at it, and its matrices are
 # memory-mapped as they lie in the file (QUANTIZE = None, or the folder's own scheme; others are refused).
@@ -311,12 +309,12 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 #
 # "fp16" rounds nothing away: float16 holds every bfloat16 weight of a Llama exactly (its 11
 # significant bits include bfloat16's 8) unless it is below 6e-5 in magnitude, and those move by
-# less than 6e-8. It is about speed on CPUs without bfloat16 arithmetic (most laptops before 2023),
-# where every bfloat16 kernel converts each weight as it multiplies, at a few billion a second per
-# core. PyTorch's fbgemm library has a half-precision product that streams float16 weights at the
-# memory's pace, for one row, four (beams) or a prompt's worth, once each matrix is packed in its
-# own layout. That packing takes a fraction of a second per large matrix at every load (Llama 3.2
-# 1B: about 9 s on 2 cores) and cannot be saved, so it pays off over a long generation or a chat.
+# less than 6e-8. It is about speed on CPUs without bfloat16 arithmetic, where every bfloat16
+# kernel converts each weight as it multiplies. PyTorch's fbgemm library has a half-precision product
+# for one row, four (beams) or a prompt's worth, once each matrix is packed in its own layout (on the
+# 2-core AVX2 EPYC of README's tables it read 0.70 of the memory's speed where bfloat16 read 0.50).
+# That packing is done at every load (there: 9 s for Llama 3.2 1B) and cannot be saved, so it pays
+# off over a long generation or a chat, if at all: run benchmarks/bench.py --quantize fp16 to see.
 # The embedding is not packed: a lookup reads a few of its rows. products.py still times fbgemm's
 # product against the others and keeps the fastest, as for every kind of weight.
 
@@ -360,9 +358,9 @@ def prompt_tensor(model, tokens: list) -> torch.Tensor:
 # Long prompts are prefilled in chunks. Where scaled_dot_product_attention has no fused kernel for
 # the device, it holds the attention scores of `seq` new tokens against `kv_len` cached ones,
 # n_heads x seq x kv_len numbers: 4 GiB for an 8k-token prompt in one call. 512 tokens at a time keep
-# them small, and thanks to the KV cache the result is the same as one call. On the CPU chunks cost
-# nothing: in one A/B run a 4,096-token prompt for Llama 3.2 1B took 9.5 s in chunks of 512 and 11.8 s
-# in one call.
+# them small, and thanks to the KV cache the result is the same as one call. On the CPU the fused
+# kernel works in blocks of query rows either way, so the chunks change how its work is cut, not
+# how much there is.
 PREFILL_CHUNK = 512
 
 
@@ -426,8 +424,8 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum()
 
 
-def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=frozenset(),
-           temperature: float = 0.6, top_p: float = 0.9, seed: int = 1, cached: int = 0):
+def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, temperature: float, top_p: float,
+           seed: int, cached: int = 0):
     """Yield (token, probability) pairs drawn at random from the temperature-scaled, top-p-cut
     distribution; the probability is the token's in that distribution. Under torchrun every process
     uses the same seed and sees the same logits, so all draw the same tokens."""
@@ -470,8 +468,8 @@ def decode_steps(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, s
 
 def reorder_kv_cache(model, parent_rows: torch.Tensor, length: int) -> None:
     """Row b of every layer's cache becomes a copy of row parent_rows[b] (first `length` positions)."""
-    # Only rows whose parent is another row change, so only those are copied: at 4,096 cached
-    # positions (Llama 3.2 1B, 4 beams) copying all rows took 131 ms next to a 217 ms forward pass.
+    # Only rows whose parent is another row change, so only those are copied: copying every row
+    # would move the whole cache, every beam's every position, at every step.
     rows = torch.arange(len(parent_rows), device=parent_rows.device)
     moved = rows[parent_rows != rows]
     sources = parent_rows[moved]
@@ -482,8 +480,8 @@ def reorder_kv_cache(model, parent_rows: torch.Tensor, length: int) -> None:
             filled.index_copy_(0, moved, filled.index_select(0, sources))
 
 
-def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int,
-                stop_tokens=frozenset(), length_penalty: float = 1.0) -> list:
+def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int, stop_tokens,
+                length_penalty: float) -> list:
     """Return up to beam_width (tokens, score) pairs, best first. `tokens` are the generated ids
     (ending with the stop token if the hypothesis finished); score = sum of log-probabilities /
     len(tokens)**length_penalty. The model must be built with max_batch_size >= beam_width."""
@@ -662,7 +660,7 @@ def check_chat(model_name: str) -> None:
 
 def chat_context(params: ModelArgs) -> int:
     """CHAT_CONTEXT, or the trained context if that is smaller; room for an answer must remain."""
-    context = min(CHAT_CONTEXT, trained_context_length(params))
+    context = min(CHAT_CONTEXT, params.trained_context)
     if context <= MAX_NEW_TOKENS:
         raise LlamaError(f"CHAT_CONTEXT = {CHAT_CONTEXT} leaves no room for messages beside answers of "
                          f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS}: make CHAT_CONTEXT larger or MAX_NEW_TOKENS smaller")
@@ -974,7 +972,7 @@ def print_profile(model, profile: StepProfile, bandwidth: float) -> None:
     rows = profile.summary()
     if not rows:
         print("profile: no decode step ran after products.py had chosen its kernels: raise MAX_NEW_TOKENS "
-              "(the first 15 or so steps of a 1B model time the candidates)\n")
+              "(the first decode steps time the candidates: SHOW_PROFILE leaves those out)\n")
         return
     steps = len(profile.steps)
     print(f"where a decode step's time goes ({steps} steps of batch {profile.batch}; this machine's memory "
@@ -1158,7 +1156,7 @@ def run() -> None:
     quantize_loaded(model, QUANTIZE, params, files.shards, quantizing_progress(scheme, is_main))  # 6b. quantize them
     if scheme and device.type != "cpu" and is_main:
         print(f"(on {device.type} the {scheme} matrices are dequantized for every product: less memory, "
-              "but slower than bfloat16 there)")
+              "but more work per product than bfloat16)")
     if is_main:
         stored = f"{dtype} ({scheme} matrices)" if scheme else f"{dtype}"
         print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {stored} on {device}, "

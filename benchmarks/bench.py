@@ -69,9 +69,10 @@ N_BASE_TOKENS = 128000  # lines of tokenizer.model; the 256 special tokens make 
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "f32": "float32"}
 DEFAULT_PROMPT_TOKENS = 128
-BEAM_WIDTH = 4
-# A prefill is short (a third of a second for 1B), so a burst of load from another process can
-# double one; the best of several is the code's own speed. Timed apart from the generations.
+BEAM_WIDTH = 4  # both sides' beam search, the same rules (transformers' early_stopping=True)
+LENGTH_PENALTY = 1.0
+# A prefill is short (seconds at most for 1B's 128 tokens), so a burst of load from another
+# process can double one; the best of several is the code's own speed. Timed apart from the generations.
 PREFILL_REPEATS = 5
 MIB = 2**20
 GIB = 2**30
@@ -205,17 +206,13 @@ def hf_tensor(meta_name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Te
     return tensor
 
 
-def hf_config(args: ModelArgs):
-    from transformers import LlamaConfig
+def hf_config(shape: str, args: ModelArgs):
+    """The tests' config for these weights (tests/hf_reference.py), marked as the bfloat16 they are."""
+    from hf_reference import hf_config as reference_config
 
-    return LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        rms_norm_eps=args.norm_eps, max_position_embeddings=131072, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scale_factor,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype="bfloat16",
-    )
+    config = reference_config(meta_params(shape), tied=False, rope_scale_factor=args.rope_scale_factor)
+    config.dtype = "bfloat16"
+    return config
 
 
 def hf_folder_for(meta_folder: Path) -> Path:
@@ -234,7 +231,7 @@ def ensure_hf_checkpoint(meta_folder: Path, shape: str) -> Path:
     print(f"converting it to transformers' layout in {folder} ...", flush=True)
     check_free_disk(folder, (meta_folder / "consolidated.00.pth").stat().st_size)
     started, args = time.perf_counter(), model_args(shape)
-    hf_config(args).save_pretrained(folder)
+    hf_config(shape, args).save_pretrained(folder)
     meta = torch.load(meta_folder / "consolidated.00.pth", mmap=True, weights_only=True)
     shards, weight_map, total = shard_names(meta), {}, 0
     for number, names in enumerate(shards, start=1):
@@ -447,7 +444,7 @@ def worker_ours(folder: Path, dtype: torch.dtype, prompt_tokens: int, new_tokens
 
     def beam():
         return run_inference.beam_search(model, prompt, BEAM_WIDTH, new_tokens, stop_tokens=frozenset(),
-                                         length_penalty=1.0)
+                                         length_penalty=LENGTH_PENALTY)
 
     clock = ForwardClock(model.tok_embeddings)
     passes = ours_prefill_passes(prompt_tokens)
@@ -485,7 +482,7 @@ def worker_transformers(folder: Path, dtype: torch.dtype, prompt_tokens: int, ne
 
     def beam():
         return transformers_generate(model, prompt, new_tokens, num_beams=BEAM_WIDTH, early_stopping=True,
-                                     length_penalty=1.0)
+                                     length_penalty=LENGTH_PENALTY)
 
     clock = ForwardClock(model.get_input_embeddings())
     # transformers runs the whole prompt in one forward pass.
@@ -499,7 +496,8 @@ def worker_prefills_side_by_side(folder: Path, dtype: torch.dtype, prompt_tokens
     """Both models in one process, prefilling in turns (the order swapped every round), the best of
     PREFILL_REPEATS each. A prefill is short and compute-bound, and the CPU time this shared machine
     gives a process moves more between two processes a minute apart than the two prefills differ:
-    the separate workers' prefill ratio ranged from 0.82 to 1.10 over runs of the same code."""
+    on the 2-core Xeon of README's tables, the separate workers' prefill ratio ranged from 0.82 to
+    1.10 over runs of the same code."""
     from llama_models.llama3 import load_llama
     from transformers import LlamaForCausalLM
 
@@ -797,8 +795,8 @@ def parse_options(argv=None):
                         help="cap the workers' CPU kernels at AVX2, as on a CPU without bfloat16 instructions")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"checkpoints go here ({DEFAULT_CACHE})")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
-    parser.add_argument("--quantize", default="", help="comma-separated, of int8 and int4: our quantized model "
-                        "too, beside our bfloat16 one")
+    parser.add_argument("--quantize", default="", help="comma-separated, of int8, int4 and fp16: our quantized "
+                        "(or fp16-packed) model too, beside our bfloat16 one")
     parser.add_argument("--cached", type=int, default=0, help="also decode at this many positions already in "
                         "the KV cache, e.g. 4096 (default 0: not measured)")
     for internal in ("--worker", "--checkpoint", "--dtype", "--result", "--scheme"):  # the parent calls itself
@@ -986,7 +984,7 @@ def print_results(results: dict, options) -> None:
 # Quantized (--quantize): ours with int8 or int4 matrices against ours in bfloat16, in the same run.
 # Targets of the quantization issue: decode speed-up over bfloat16, and peak RSS as a share of the
 # bfloat16 checkpoint file.
-QUANTIZE_TARGETS = {"int8": (1.8, 0.6), "int4": (3.0, 0.4), "fp16": (None, None)}  # fp16: the kernel issue's, below
+QUANTIZE_TARGETS = {"int8": (1.8, 0.6), "int4": (3.0, 0.4), "fp16": (None, None)}  # fp16: none of its own
 QUANTIZED_ROWS = [("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s"),
                   ("beam_steps_s", "beam-4 steps/s"), ("load_s", "load s"), ("peak_rss_mib", "peak RSS MiB")]
 

@@ -32,10 +32,6 @@ TINY_SHAPES = {
                  use_scaled_rope=True, with_output=False),
 }
 
-# Llama 3.2 1B as Meta ships it (for memory and real-tokenizer runs; 2.5 GB in bfloat16).
-LLAMA_3_2_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5,
-                    use_scaled_rope=True, with_output=True)
-
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier) -> int:
     """Meta's rule: 2/3 of 4*dim, times the multiplier, rounded up to a multiple of multiple_of."""

@@ -205,7 +205,7 @@ def test_profile_leaves_out_the_steps_in_which_kernels_are_timed(tiny_checkpoint
         list(run_inference.greedy_decode(model, PROMPT, max_new_tokens=12))
     finally:
         profile.close()
-    assert len(profile.steps) < 10  # the first decode steps ran trials of the one-row candidates
+    assert 0 < len(profile.steps) < 10  # the first decode steps ran trials of the one-row candidates
 
 
 def test_script_shows_the_profile_with_the_kernels_chosen(tiny_checkpoint):

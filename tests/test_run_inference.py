@@ -30,7 +30,7 @@ from checkpoints import TINY_SHAPES, folder_snapshot  # noqa: E402
 from hf_reference import hf_model_from_meta_checkpoint  # noqa: E402
 from tokenizer_files import write_byte_level_tokenizer  # noqa: E402
 from llama_models import quantize as quantize_tool  # noqa: E402
-from llama_models.llama3 import Tokenizer, load_llama  # noqa: E402
+from llama_models.llama3 import ModelArgs, Tokenizer, load_llama  # noqa: E402
 
 MAX_SEQ_LEN = 64  # prompts below are at most 11 tokens, generations at most 12
 MAX_BATCH_SIZE = 4  # the widest beam below
@@ -137,7 +137,7 @@ def test_beam_width_one_with_stop_token_ends_with_it(float32_model):
     unstopped = [token for token, _ in greedy_without_cache(model, prompt, 10)]
     stop = unstopped[4]
     greedy = [token for token, _ in run_inference.greedy_decode(model, prompt, 10, frozenset({stop}))]
-    [(tokens, _)] = run_inference.beam_search(model, prompt, 1, 10, frozenset({stop}))
+    [(tokens, _)] = run_inference.beam_search(model, prompt, 1, 10, frozenset({stop}), 1.0)
     assert tokens == greedy + [stop]
     assert len(tokens) < 10
 
@@ -659,7 +659,7 @@ def test_prompt_near_the_context_does_not_fail_midway(tiny_checkpoint, monkeypat
     """A prompt just shorter than the context is answered with as many tokens as the context still
     holds, without failing in the middle of generating. A 40-token context stands in for 131072."""
     context, prompt_length = 40, 37  # 'a' * 36 is 36 byte tokens, plus <|begin_of_text|>
-    monkeypatch.setattr(run_inference, "trained_context_length", lambda args: context)
+    monkeypatch.setattr(ModelArgs, "trained_context", property(lambda args: context))
     monkeypatch.setenv("LLAMA_CHECKPOINT_DIR", str(tiny_checkpoint("gqa1")))
     monkeypatch.setattr(run_inference, "INPUT_STRING", "a" * (prompt_length - 1))
     monkeypatch.setattr(run_inference, "MAX_NEW_TOKENS", 8)

@@ -89,7 +89,7 @@ def count_distinct_kv_heads(shards: ShardFiles, args: ModelArgs) -> int:
 
     An earlier repetition for more processes (405B for 16 GPUs, or this tool) stores exact copies,
     in every layer's wk and wv; two trained heads are never bit-for-bit equal. Reads wk and wv whole
-    (1/8 of the attention weights in Llama 3), one at a time.
+    (a fifth of the attention weights in Llama 3 1B and 8B, a ninth in 70B), one at a time.
     """
     kv_names = [name for name in shards.tensor_names(0) if without_layer_prefix(name) in KV_WEIGHTS]
     if not kv_names:

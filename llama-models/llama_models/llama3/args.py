@@ -74,17 +74,23 @@ class ModelArgs:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise LlamaError(f"{name} is {value!r} in params.json: it must be a positive number, as in Meta's "
                                  "file; download params.json again or correct it")
-        if self.quantization is not None and not (
-            isinstance(self.quantization, dict) and set(self.quantization) <= {"scheme", "group_size"}
-            and self.quantization.get("scheme") in ("int8", "int4")
-            and type(self.quantization.get("group_size", 32)) is int
-        ):
-            raise LlamaError(f"quantization is {self.quantization!r} in params.json: llama_models.quantize writes "
-                             '{"scheme": "int8"} or {"scheme": "int4", "group_size": N} (N = 32, 64, 128 or 256); '
-                             "restore the params.json it wrote, or quantize the checkpoint again")
+        self._check_quantization()
         if not isinstance(self.use_scaled_rope, bool):
             raise LlamaError(f"use_scaled_rope is {self.use_scaled_rope!r} in params.json: it must be true or "
                              "false without quotes; download params.json again or correct it")
+
+    def _check_quantization(self):
+        from .quantize import GROUP_SIZE, INT4_GROUP_SIZES, STORED_SCHEMES  # here: quantize.py imports this module
+
+        if self.quantization is not None and not (
+            isinstance(self.quantization, dict) and set(self.quantization) <= {"scheme", "group_size"}
+            and self.quantization.get("scheme") in STORED_SCHEMES
+            and type(self.quantization.get("group_size", GROUP_SIZE)) is int
+        ):
+            sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+            raise LlamaError(f"quantization is {self.quantization!r} in params.json: llama_models.quantize writes "
+                             f'{{"scheme": "int8"}} or {{"scheme": "int4", "group_size": N}} (N one of {sizes}); '
+                             "restore the params.json it wrote, or quantize the checkpoint again")
 
     def _check_shapes(self):
         if self.dim % self.n_heads != 0:
@@ -130,6 +136,12 @@ class ModelArgs:
     def n_rep(self) -> int:
         """How many query heads share one key/value head (4 for 8B and 1B, 8 for 70B)."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def trained_context(self) -> int:
+        """The longest text the model was trained on: 128k tokens for Llama 3.1 and later (scaled
+        RoPE), 8k for the April 2024 Llama 3."""
+        return 131072 if self.use_scaled_rope else 8192
 
 
 # The sizes every params.json of Meta's gives; without them the defaults above (8B's) would be

@@ -89,7 +89,7 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
 
 
 def _supports_bfloat16(device: torch.device) -> bool:
-    if device.type == "cuda":  # emulated bfloat16 (before Ampere) is slower than float16
+    if device.type == "cuda":  # before Ampere, bfloat16 is emulated: float16 is the GPU's own half precision
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "mps":
         try:
@@ -360,8 +360,8 @@ def load_llama(
     *,
     device: Union[str, torch.device] = "cpu",
     dtype: Union[None, str, torch.dtype] = None,
-    max_seq_len: int = 2048,
-    max_batch_size: int = 1,
+    max_seq_len: int = ModelArgs.max_seq_len,
+    max_batch_size: int = ModelArgs.max_batch_size,
     quantize: Optional[str] = None,
 ) -> tuple[Transformer, Tokenizer]:
     """Load a Meta Llama 3.x checkpoint folder; return (model, tokenizer) ready for `model(tokens, pos)`.

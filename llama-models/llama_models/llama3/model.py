@@ -85,7 +85,7 @@ class RowParallelLinear(fairscale_layers.RowParallelLinear):
 
     def __init__(self, in_features: int, out_features: int):
         nn.Module.__init__(self)  # not fairscale's __init__: see "Parallel layers" above
-        self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, True
+        self.in_features, self.out_features = in_features, out_features
         self.input_size_per_partition = in_features // get_model_parallel_world_size()
         self.weight = _weight_placeholder(out_features, self.input_size_per_partition)
         self.bias = None
@@ -104,8 +104,6 @@ class VocabParallelEmbedding(fairscale_layers.VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         nn.Module.__init__(self)  # not fairscale's __init__: see "Parallel layers" above
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        # F.embedding's options, which fairscale's forward passes on: all off, as in nn.Embedding.
-        self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, None, 2.0, False, False
         rank, size = get_model_parallel_rank(), get_model_parallel_world_size()
         self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
             num_embeddings, rank, size
@@ -269,7 +267,8 @@ class Attention(nn.Module):
         # Heads before positions: each head's cached keys form one (position, head_dim) block, the
         # layout the attention products read, so a step reads the cache where it lies. Meta's
         # (batch, position, head, head_dim) layout needs a copy of the whole cache into this one at
-        # every step: at 4,096 cached positions, half of a Llama 3.2 1B decode step on the CPU.
+        # every step (README, "Intel Xeon with AMX": with that layout and the products written out, a
+        # 1B step at 4,096 cached positions took 285 ms instead of 140).
         cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
@@ -305,8 +304,8 @@ class Attention(nn.Module):
         # - grouped-query: query head i uses key/value head i // n_rep (enable_gqa).
         # F.scaled_dot_product_attention computes exactly this. On the CPU its fused kernel works block
         # by block, never holds the (seq x kv_len) scores and copies no key/value head (Meta's code
-        # repeats each n_rep times), which made long prompts about 3x faster than the products written
-        # out (README, "Speed and memory"). Where no fused kernel fits (some GPU cases) PyTorch falls
+        # repeats each n_rep times): on the Xeon of README's "Speed and memory", a 4,096-token 1B
+        # prompt took 10 s where Meta's layout and the products written out took 34. Where no fused kernel fits (some GPU cases) PyTorch falls
         # back to the plain computation, which is why run_inference.py prefills in chunks. For a
         # decode step's single query row it can be slow on the CPU, so `attention` (products.py)
         # times it against float32 variants and keeps the fastest, as it does for the matrices.

@@ -2,7 +2,7 @@
 
 Every linear layer of the model calls `linear(x, weight)`. PyTorch has several kernels that compute
 that product, and which one is fastest depends on the CPU, its instruction set, the libraries in the
-PyTorch build and the shape, by factors of 2 to 3 between machines of the same generation. So
+PyTorch build and the shape (README, "Speed and memory, measured", has two machines' figures). So
 nothing here says which kernel to use: on the CPU the first products of each kind are computed by
 the candidates in turn, each timed where it runs (the weights streaming from memory between the
 other layers' products, exactly as they will in every later step), and from then on each kind uses
@@ -31,7 +31,8 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
   on one very large operand.
 - Quantized weights (quantize.py): "int8 kernel" (torch._weight_int8pack_mm) and "int4 kernel"
   (torch._weight_int4pack_mm_for_cpu), which convert the small numbers as they multiply, and for
-  9 rows or more "dequantized" and "dequantized to float32": the matrix converted back once for
+  9 rows or more "dequantized" and "dequantized to float32" (int8, and an int4 matrix that keeps its
+  codes, which on the CPU only a tied embedding does): the matrix converted back once for
   the product, which pays where a prompt would repeat the conversion for every row. A matrix packed
   for fbgemm (quantize.py's "fp16") has "fbgemm fp16": float32 rows times its float16 weights.
 
@@ -52,8 +53,9 @@ read from a memory-mapped file, only ever adds time. A candidate whose best of t
 than DROP_FACTOR times the fastest seen stops early: where bfloat16 products are slow, a prompt's
 bfloat16 candidates take several times longer than the float32 copy, and two trials show it. The
 trials are the model's own products, so choosing costs no extra work, only the difference between
-the slower candidates and the fastest during those first products (for Llama 3.2 1B, the first 15
-or so decode steps, and part of the first prompt). `chosen_kernel(rows, weight)` names what was
+the slower candidates and the fastest during those first products: part of the first prompt,
+and the first decode steps (the output layer runs once a step, so its kind takes the most: TRIALS
+steps per candidate, 15 for a bfloat16 one's five, fewer where slow ones stop early). `chosen_kernel(rows, weight)` names what was
 chosen; run_inference.py's SHOW_PROFILE shows it beside the time each part of a decode step takes.
 
 A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`

@@ -1,8 +1,9 @@
 """Weight-only quantization: every matrix stored in 8 or 4 bits, multiplied by PyTorch's own kernels.
 
-A decode step reads every weight once, so its speed is the memory's speed divided by the bytes per
-weight: bfloat16 takes 2 bytes, int8 1 (plus a scale per row), int4 half a byte (plus a scale and a
-zero point per group of 32). The activations stay in the model's dtype; only the stored weights are
+A decode step reads every weight once, so its speed is at most the memory's speed divided by the
+bytes per weight (the kernels' arithmetic can set a lower pace: README, "Measured"): bfloat16 takes
+2 bytes, int8 1 (plus a scale per row), int4 half a byte (plus a scale and a zero point per group
+of 32). The activations stay in the model's dtype; only the stored weights are
 rounded, once, when they are quantized.
 
 - "int8", symmetric, one scale per output row: w ~ q * scale, q in -127..127, scale = max|row| / 127.
@@ -14,11 +15,11 @@ rounded, once, when they are quantized.
   (the issue that asked for this measured +7.6% perplexity at 32 and +50% at 64).
 
 "fp16" is not a quantization: the same 2 bytes a weight, exact for bfloat16 weights above 6e-5,
-packed for PyTorch's fbgemm library, whose half-precision product is faster on CPUs without bfloat16
-arithmetic (`Float16Weight`; only the multiplied matrices, not the embedding).
+packed for PyTorch's fbgemm library, whose half-precision product can be faster where the CPU has no
+bfloat16 arithmetic (`Float16Weight`; only the multiplied matrices, not the embedding).
 
 `quantize(model, scheme)` replaces each linear layer's weight (and the embedding, which a Llama 3.2
-model shares with its output layer: the shared matrix stays one) by an `Int8Weight` or `Int4Weight`,
+model shares with its output layer: the shared matrix stays one) by an `Int8Weight` or `Int4Weight` (fp16: a `Float16Weight`),
 tensor by tensor, and gives back each bfloat16 original's pages of the memory-mapped file as it goes,
 so memory stays near the quantized size. products.py then picks among the kernels that take each
 kind of weight by timing them, as it does for bfloat16.
@@ -264,10 +265,11 @@ class Float16Weight(QuantizedWeight):
     Not a quantization: float16 holds every bfloat16 number between 6.1e-5 and 65504 in magnitude
     exactly (bfloat16 keeps 8 significant bits, float16 11), and smaller ones to within 6e-8. The
     product multiplies float32 activations by the float16 weights and adds in float32, as the
-    "float32 copy" candidate does. What it buys is speed where the CPU has no bfloat16 arithmetic:
-    fbgemm's kernel streams the weights at the memory's pace for one row and for a few. What it
-    costs is fbgemm's packing, a fraction of a second per large matrix at every load, and a packed
-    matrix cannot be saved in a file (fbgemm saves it by unpacking it) or moved off the CPU.
+    "float32 copy" candidate does. What it can buy is speed where the CPU has no bfloat16
+    arithmetic: fbgemm's kernel converts float16 with one instruction per vector, for one row and
+    for a few (products.py times it against the others). What it costs is fbgemm's packing at every
+    load, and a packed matrix cannot be saved in a file (fbgemm saves it by unpacking it) or moved
+    off the CPU.
     """
 
     kind = "fp16"
