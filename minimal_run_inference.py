@@ -1,6 +1,8 @@
 """The shortest complete way to run a Llama 3.x checkpoint. run_inference.py tells the same stages in full."""
 
+import contextlib
 import dataclasses
+import io
 import os
 import signal
 import sys
@@ -39,7 +41,8 @@ def main():
 
     # 2. Start torch.distributed and fairscale (a group of one process)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    initialize_model_parallel(1)
+    with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
+        initialize_model_parallel(1)
 
     # 3. Read params.json
     params = ModelArgs.from_json_file(files.params)
@@ -70,12 +73,14 @@ def main():
     # code run; then every name and shape checked (3.2 1B/3B may share one embedding/output matrix)
     weights = match_checkpoint_to_model(read_shard(files.shards[0]), model, files.shards[0])
     model.load_state_dict(weights, strict=True, assign=True)
-    model.to(device)
+    model.to(device, torch.bfloat16)  # on the device; a file in float32 or float16 becomes bfloat16 too
     pack_for_cpu(model, files.shards)  # int4 folders only: the CPU kernel's layout, and the file's codes let go
 
     # 7. Decode: prefill the prompt once, then one token per step through the KV cache
     started = time.perf_counter()
     logits = model(torch.tensor([prompt], device=device), start_pos=0)
+    if not logits.isfinite().all():
+        raise LlamaError("the model's scores are NaN or infinite: its weights hold such numbers; download them again")
     decoder, generated = StreamingDecoder(tokenizer), []
     token = int(logits[0, -1].argmax())  # greedy: the most likely next token
     while token not in tokenizer.stop_tokens:

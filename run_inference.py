@@ -103,7 +103,9 @@ SHOW_PROFILE = False  # where a decode step's time goes: each part's ms, bytes r
 # (MAX_NEW_TOKENS = "10" would otherwise fail deep inside, and IS_INSTRUCT = "no" would count as yes).
 WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": 1, "BEAM_WIDTH": 1, "SHOW_ALTERNATIVES": 0, "SEED": None,
                          "CHAT_CONTEXT": 2}  # minimums
-NUMBER_SETTINGS = {"LENGTH_PENALTY": (None, None), "TEMPERATURE": (0, None), "TOP_P": (0, 1)}  # ranges
+# LENGTH_PENALTY's range keeps length**LENGTH_PENALTY a finite, non-zero float at any length the
+# context holds (131072**10 is about 1e51); useful values lie between 0 and 2.
+NUMBER_SETTINGS = {"LENGTH_PENALTY": (-10, 10), "TEMPERATURE": (0, None), "TOP_P": (0, 1)}  # ranges
 SWITCH_SETTINGS = ("CHAT", "SHOW_TOKENS", "SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "SHOW_MEMORY", "SHOW_PROFILE")
 TEXT_SETTINGS = {"MODEL_NAME": False, "LLAMA_MODELS_DIR": False, "INPUT_STRING": False, "SYSTEM_PROMPT": True,
                  "ATTENTION_PNG": True}  # may it be None?
@@ -138,6 +140,24 @@ def check_settings() -> None:
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
     if QUANTIZE not in (None, *SCHEMES):
         raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, 'int8', 'int4' or 'fp16'")
+
+
+def unused_settings(instruct: bool, trained_context: int) -> list:
+    """Settings that the others leave without effect: a note each, so that none is ignored silently."""
+    settings, notes = globals(), []
+    if DECODING == "beam" and not CHAT:
+        notes += [f"{name} = {settings[name]!r} shows greedy or sampled tokens; beam search prints whole beams"
+                  for name in ("SHOW_TOKENS", "SHOW_ALTERNATIVES") if settings[name]]
+    if CHAT:
+        notes += [f"{name} = {settings[name]!r} looks at INPUT_STRING's prompt, which a chat does not use"
+                  for name in ("SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "ATTENTION_PNG") if settings[name]]
+        if CHAT_CONTEXT > trained_context:
+            notes.append(f"CHAT_CONTEXT = {CHAT_CONTEXT} is more than the model was trained on: the chat holds "
+                         f"{trained_context} tokens")
+    if SYSTEM_PROMPT is not None and not instruct and not CHAT:  # a chat refuses such a model anyway
+        notes.append(f"SYSTEM_PROMPT = {SYSTEM_PROMPT!r} is for instruct models; this one reads INPUT_STRING as "
+                     "plain text (IS_INSTRUCT = True to use the chat format)")
+    return notes
 
 # ================================================================================================
 # 2. Start torch.distributed and fairscale
@@ -377,7 +397,11 @@ def prefill(model, prompt_tokens: list, cached: int = 0) -> torch.Tensor:
     for start in range(cached, len(prompt_tokens), PREFILL_CHUNK):
         chunk = prompt_tensor(model, prompt_tokens[start : start + PREFILL_CHUNK])
         hidden = model.hidden_states(chunk, start_pos=start)  # (1, chunk length, dim)
-    return model.logits(hidden[:, -1:])[:, -1]
+    logits = model.logits(hidden[:, -1:])[:, -1]
+    if not logits.isfinite().all():  # once per prompt: else every token after it would be nonsense, silently
+        raise LlamaError("the model's scores for the prompt are NaN or infinite: the checkpoint's weights hold such "
+                         "numbers (download them again), or float16 overflowed (try DTYPE = 'bfloat16' or 'float32')")
+    return logits
 
 
 def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose, cached: int = 0):
@@ -650,6 +674,9 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
 
 
 def check_chat(model_name: str) -> None:
+    if IS_INSTRUCT is False:
+        raise LlamaError("CHAT = True needs an instruct model, and IS_INSTRUCT = False says this is not one: "
+                         "set IS_INSTRUCT = None (or True) with an Instruct checkpoint")
     if not is_instruct(model_name):
         raise LlamaError(f"CHAT = True needs an instruct model, and {model_name} has no 'Instruct' in its name: "
                          "use an Instruct checkpoint, or set IS_INSTRUCT = True if it is one")
@@ -1137,6 +1164,9 @@ def run() -> None:
     params = ModelArgs.from_json_file(files.params)  # 3. read params.json
     check_quantize_request(QUANTIZE, params, files.folder)
 
+    if is_main:
+        for note in unused_settings(is_instruct(files.model_name), params.trained_context):
+            print(f"note: {note}")
     tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
     if CHAT:  # the prompts come later, one per turn
         check_chat(files.model_name)

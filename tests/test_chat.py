@@ -148,7 +148,8 @@ def test_script_chats_by_sampling_and_shows_alternatives(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("settings, culprit", [
-    ("r.IS_INSTRUCT = False", "CHAT = True needs an instruct model"),
+    ("r.IS_INSTRUCT = False", "IS_INSTRUCT = False says this is not one"),
+    ("r.IS_INSTRUCT = None", "has no 'Instruct' in its name"),
     ("r.IS_INSTRUCT = True\nr.DECODING = 'beam'", "DECODING = 'beam' does not chat"),
     ("r.IS_INSTRUCT = True\nr.CHAT_CONTEXT = 4", "CHAT_CONTEXT = 4 leaves no room"),
 ])

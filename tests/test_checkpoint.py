@@ -88,6 +88,16 @@ def test_missing_file(checkpoint_copy, name):
     assert "download" in message
 
 
+def test_a_transformers_only_download_is_named(tmp_path):
+    """A Hugging Face download without --include 'original/*': transformers' files only."""
+    folder = tmp_path / "Llama-3.2-1B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    message = load_error(folder)
+    assert "transformers' copy of the weights, not Meta's files" in message and "original/*" in message
+
+
 def test_invalid_json(checkpoint_copy):
     (checkpoint_copy / "params.json").write_text('{"dim": 96,')
     assert "params.json is not valid JSON" in load_error(checkpoint_copy)

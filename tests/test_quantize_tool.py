@@ -7,8 +7,12 @@ with nothing written.
 """
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +142,18 @@ def test_an_already_quantized_folder_is_refused(quantized, tmp_path, capsys):
     assert not (tmp_path / "again").exists()
 
 
+def test_a_matrix_of_whole_numbers_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """Quantizing int32 numbers as if they were weights would write a folder of nonsense."""
+    source = Path(shutil.copytree(tiny_checkpoint("gqa4"), tmp_path / "damaged"))
+    tensors = torch.load(source / "consolidated.00.pth", weights_only=True)
+    tensors["layers.1.feed_forward.w2.weight"] = tensors["layers.1.feed_forward.w2.weight"].to(torch.int32)
+    torch.save(tensors, source / "consolidated.00.pth")
+    assert tool.main([str(source), str(tmp_path / "new"), "int8"]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "'layers.1.feed_forward.w2.weight'" in message and "torch.int32" in message
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("destination", ["inside source", "not empty"])
 def test_a_destination_that_would_overwrite_is_refused(tiny_checkpoint, tmp_path, capsys, destination):
     source = tiny_checkpoint("gqa4")
@@ -158,6 +174,37 @@ def test_an_interrupted_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypa
     monkeypatch.setattr(tool, "quantize_into", interrupted)
     assert tool.main([str(tiny_checkpoint("gqa4")), str(tmp_path / "new"), "int8"]) == 130
     assert "interrupted" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_killed_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypatch):
+    """kill (SIGTERM) and a closed terminal (SIGHUP) clean up as Ctrl-C does; the exit status stays
+    the signal's."""
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tool, "quantize_into", killed)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        reshard.end_like_an_interrupt_when_killed()
+        with pytest.raises(SystemExit) as ended:
+            tool.main([str(tiny_checkpoint("gqa4")), str(tmp_path / "new"), "int8"])
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert ended.value.code == 128 + signal.SIGTERM and not (tmp_path / "new").exists()
+
+
+def test_an_interrupted_reshard_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    written = []
+
+    def interrupted(*args):
+        written.append(args[-1])
+        args[-1].write_bytes(b"half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reshard, "write_shard", interrupted)
+    assert reshard.main([str(tiny_checkpoint("gqa4")), str(tmp_path / "new"), "2"]) == 130
+    assert written and "interrupted" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_the_tool_runs_as_a_module(tiny_checkpoint, tmp_path):

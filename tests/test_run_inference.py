@@ -463,6 +463,7 @@ def test_minimal_run_inference_script_runs(tiny_checkpoint):
     finished = run_python(["minimal_run_inference.py"], checkpoint=folder)
     assert_ran_cleanly(finished)
     assert re.search(r"^\d+ tokens at [\d.]+ tokens/s$", finished.stdout, re.MULTILINE)  # its one timing line
+    assert "initializing model parallel" not in finished.stdout  # fairscale's banner is kept quiet
     assert folder_snapshot(folder) == before
 
 
@@ -500,6 +501,7 @@ SETTINGS_OF_THE_WRONG_KIND = [
     ("MAX_NEW_TOKENS", "10"), ("MAX_NEW_TOKENS", 2.5), ("MAX_NEW_TOKENS", 0), ("BEAM_WIDTH", True),
     ("SEED", "abc"), ("SHOW_ALTERNATIVES", True), ("SHOW_ALTERNATIVES", -1), ("TEMPERATURE", "0.6"),
     ("TEMPERATURE", -1), ("TOP_P", 1.5), ("TOP_P", float("nan")), ("LENGTH_PENALTY", None),
+    ("LENGTH_PENALTY", 400), ("LENGTH_PENALTY", -400), ("LENGTH_PENALTY", float("inf")),
     ("INPUT_STRING", None), ("SYSTEM_PROMPT", 3), ("MODEL_NAME", None), ("IS_INSTRUCT", "no"),
     ("SHOW_MEMORY", "yes"), ("SHOW_PROFILE", 1), ("ATTENTION_PNG", True), ("DECODING", None),
     ("QUANTIZE", "int3"), ("QUANTIZE", True),
@@ -511,6 +513,27 @@ def test_each_setting_of_the_wrong_kind_is_named(monkeypatch, name, value):
     monkeypatch.setattr(run_inference, name, value)
     with pytest.raises(run_inference.LlamaError, match=f"^{name} = "):
         run_inference.check_settings()
+
+
+@pytest.mark.parametrize("settings, instruct, named", [
+    ({"DECODING": "beam", "SHOW_TOKENS": True, "SHOW_ALTERNATIVES": 3}, True, ["SHOW_TOKENS", "SHOW_ALTERNATIVES"]),
+    ({"CHAT": True, "SHOW_LOGIT_LENS": True, "CHAT_CONTEXT": 10**6}, True, ["SHOW_LOGIT_LENS", "CHAT_CONTEXT"]),
+    ({"SYSTEM_PROMPT": "Be brief."}, False, ["SYSTEM_PROMPT"]),
+    ({"SYSTEM_PROMPT": "Be brief.", "DECODING": "beam", "SHOW_MEMORY": True}, True, []),
+    ({"CHAT": True, "SHOW_TOKENS": True, "SHOW_PROFILE": True, "CHAT_CONTEXT": 4096}, True, []),
+])
+def test_settings_that_the_others_leave_unused_get_a_note(monkeypatch, settings, instruct, named):
+    for name, value in settings.items():
+        monkeypatch.setattr(run_inference, name, value)
+    notes = run_inference.unused_settings(instruct, trained_context=131072)
+    assert [note.split(" = ")[0] for note in notes] == named
+
+
+def test_the_script_prints_the_note(tiny_checkpoint):
+    finished = run_python(with_settings("r.DECODING = 'beam'\nr.SHOW_TOKENS = True\nr.MAX_NEW_TOKENS = 4"),
+                          checkpoint=tiny_checkpoint("gqa4"))
+    assert_ran_cleanly(finished)
+    assert "note: SHOW_TOKENS = True shows greedy or sampled tokens" in finished.stdout
 
 
 def test_the_default_settings_pass_their_check():
@@ -586,10 +609,19 @@ def damage_checkpoint(folder: Path, damage: str) -> None:
         tokenizer.write_text("this is not base64 at all\n")
     elif damage == "tokenizer of another model":
         write_byte_level_tokenizer(tokenizer, merges=[b"ab"])
+    elif damage == "a matrix of whole numbers":
+        tensors = torch.load(weights, weights_only=True)
+        tensors["layers.0.attention.wq.weight"] = tensors["layers.0.attention.wq.weight"].to(torch.int32)
+        torch.save(tensors, weights)
+    elif damage == "a weight that is not a number":
+        tensors = torch.load(weights, weights_only=True)
+        tensors["layers.0.attention.wq.weight"][3, 5] = float("nan")
+        torch.save(tensors, weights)
 
 
 DAMAGES = ["no tokenizer", "no weights", "empty weights", "truncated weights", "weights that carry code",
-           "params of the wrong kind", "shapes that disagree", "damaged tokenizer", "tokenizer of another model"]
+           "params of the wrong kind", "shapes that disagree", "damaged tokenizer", "tokenizer of another model",
+           "a matrix of whole numbers", "a weight that is not a number"]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -605,7 +637,22 @@ def test_a_bad_download_ends_in_one_line_in_both_scripts(tiny_checkpoint, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: "), finished.stderr
     if damage == "params of the wrong kind":
         assert "use_scaled_rope is 'false' in params.json" in lines[0]
+    if damage == "a matrix of whole numbers":
+        assert "'layers.0.attention.wq.weight'" in lines[0] and "torch.int32 numbers" in lines[0]
+    if damage == "a weight that is not a number":
+        assert "NaN or infinite" in lines[0]
     assert folder_snapshot(folder) == before
+
+
+@pytest.mark.parametrize("script", ["minimal_run_inference.py", "run_inference.py"])
+def test_both_scripts_run_a_checkpoint_saved_in_float32(tiny_checkpoint, tmp_path, script):
+    """Meta ships bfloat16; a file someone saved in float32 is converted as it loads."""
+    folder = shutil.copytree(tiny_checkpoint("gqa1"), tmp_path / "Llama-tiny")
+    weights = folder / "consolidated.00.pth"
+    torch.save({name: tensor.float() for name, tensor in torch.load(weights, weights_only=True).items()}, weights)
+    finished = run_python([script], checkpoint=folder)
+    assert_ran_cleanly(finished)
+    assert re.search(r"tokens/s", finished.stdout)
 
 
 @pytest.mark.parametrize("script", ["minimal_run_inference.py", "run_inference.py"])

@@ -33,7 +33,7 @@ from .llama3.args import LlamaError, ModelArgs  # noqa: E402
 from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
-from .reshard import check_destination  # noqa: E402
+from .reshard import check_destination, end_like_an_interrupt_when_killed, new_folder  # noqa: E402
 
 WEIGHTS_FILE = "consolidated.00.pth"
 
@@ -64,24 +64,15 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
     check_scheme(scheme, [shapes[name][1] for name in matrices], group_size, [shapes[name][0] for name in matrices])
     layout = quantized_layout(shards, shapes, matrices, scheme, group_size)
 
-    created = not dst.exists()
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
+    with new_folder(dst):  # an error, a full disk, Ctrl-C or a kill: no half-written folder is left
         partial = dst / (WEIGHTS_FILE + ".partial")
-
         write_in_place(partial, layout, lambda mapped: quantize_into(shards, names, matrices, scheme, group_size,
                                                                      mapped, [partial], progress))
         os.replace(partial, dst / WEIGHTS_FILE)
         shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
-        # Written last, so that an interrupted run leaves a folder the loader refuses as incomplete.
+        # Written last: a run killed beyond cleaning up (SIGKILL, a power cut) leaves a folder the
+        # loader refuses as incomplete.
         write_params(files.params, dst / "params.json", scheme, group_size)
-    except BaseException:  # an error, a full disk or Ctrl-C: leave no half-written folder behind
-        if created:
-            shutil.rmtree(dst, ignore_errors=True)
-        else:
-            for path in dst.iterdir():
-                path.unlink()
-        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,8 +87,9 @@ def whole_tensor_shapes(shards: ShardFiles, args: ModelArgs, folder: Path) -> di
     init_model_parallel(torch.device("cpu"))  # a group of one process: the model is built whole
     model = build_model(args, torch.device("meta"), torch.bfloat16)  # shapes only
     shapes = {name: whole_shape(shards, name) for name in shards.tensor_names(0)}
-    match_checkpoint_to_model({name: torch.empty(shape, device="meta") for name, shape in shapes.items()}, model,
-                              folder)  # one line naming any tensor that does not fit
+    stand_ins = {name: torch.empty(shape, dtype=shards.tensor(0, name).dtype, device="meta")
+                 for name, shape in shapes.items()}
+    match_checkpoint_to_model(stand_ins, model, folder)  # one line naming any tensor that does not fit
     shapes.pop("rope.freqs", None)
     if "output.weight" in shapes and output_is_the_embedding(shards):
         del shapes["output.weight"]
@@ -240,4 +232,5 @@ def main(argv: list = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
+    end_like_an_interrupt_when_killed()
     sys.exit(main())

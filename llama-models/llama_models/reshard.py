@@ -18,9 +18,11 @@ written, and released before the next.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -57,14 +59,41 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
     written_kv_heads = math.lcm(count_distinct_kv_heads(ShardFiles(files.shards), args), n_shards)
     copies_to_drop = loaded_args.n_kv_heads // written_kv_heads
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for rank in range(n_shards):
-        path = dst / f"consolidated.{rank:02d}.pth"
-        write_shard(files.shards, rank, n_shards, loaded_args, copies_to_drop, path)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
-    # Written last, so that an interrupted run leaves a folder the loader refuses as incomplete.
-    write_params(files.params, dst / "params.json", args, written_kv_heads)
-    shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
+    with new_folder(dst):
+        for rank in range(n_shards):
+            path = dst / f"consolidated.{rank:02d}.pth"
+            write_shard(files.shards, rank, n_shards, loaded_args, copies_to_drop, path)
+            print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+        # Written last: a run killed beyond cleaning up (SIGKILL, a power cut) leaves a folder the
+        # loader refuses as incomplete.
+        write_params(files.params, dst / "params.json", args, written_kv_heads)
+        shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
+
+
+@contextlib.contextmanager
+def new_folder(dst: Path):
+    """Make the folder `dst` (absent or empty, see check_destination) to write into. If anything
+    goes wrong while writing, an error, a full disk or an interrupt, it is left as it was found:
+    removed if this made it, emptied if it was empty."""
+    created = not dst.exists()
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(dst, ignore_errors=True)
+        else:
+            for path in dst.iterdir():
+                path.unlink()
+        raise
+
+
+def end_like_an_interrupt_when_killed() -> None:
+    """`kill` (SIGTERM) and a closed terminal (SIGHUP) raise SystemExit, so that new_folder cleans
+    up as for Ctrl-C; the exit status is still the signal's, 128 + its number."""
+    for name in ("SIGTERM", "SIGHUP"):  # Windows has no SIGHUP
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda number, frame: sys.exit(128 + number))
 
 
 def check_destination(src: Path, dst: Path) -> None:
@@ -180,10 +209,15 @@ def main(argv: list = None) -> int:
     except (OSError, RuntimeError) as error:  # a folder we may not write to; a full disk (torch.save's RuntimeError)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: writing {options.dst} failed ({reason}): free some space or choose another folder, "
-              f"remove {options.dst} if it was created, and run again", file=sys.stderr)
+              "and run again (nothing was left there)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted: nothing was left in {options.dst}", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
+    end_like_an_interrupt_when_killed()
     sys.exit(main())

@@ -232,6 +232,9 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
             if any(folder.glob("*.pth.partial")):  # params.json and tokenizer.model come last
                 raise LlamaError(f"{folder} holds an unfinished copy from llama_models.quantize or reshard (a run "
                                  "that was killed): delete the folder and run the tool again")
+            if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+                raise LlamaError(f"{folder} holds transformers' copy of the weights, not Meta's files: download those "
+                                 "too (hf download <model> --include 'original/*' --local-dir <folder>)")
             raise LlamaError(f"{required} not found: the checkpoint folder is incomplete; download the model again")
     shards = sorted(folder.glob("*.pth"))
     if not shards:
@@ -287,6 +290,7 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
         for name in [name for name in tensors if name.startswith("tok_embeddings.weight")]:
             tensors[name.replace("tok_embeddings", "output", 1)] = tensors[name]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected_dtypes = {name: t.dtype for name, t in model.state_dict().items()}
     mismatch_help = "params.json and the weights come from different models; download them together"
     quantized_parts = [name for name in tensors if name.endswith(QUANTIZED_PART_NAMES)]
     quantized_help = ('it was written by llama_models.quantize, and params.json\'s "quantization" must say how: '
@@ -305,6 +309,11 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
                 f"tensor {name!r} in {path} has shape {tuple(tensors[name].shape)} but params.json "
                 f"implies {shape}: {mismatch_help}"
             )
+        if not holds_numbers_of_the_kind(tensors[name].dtype, expected_dtypes[name]):
+            fix = quantized_help if name.endswith(QUANTIZED_PART_NAMES) else "download the checkpoint again"
+            raise LlamaError(f"tensor {name!r} in {path} holds {tensors[name].dtype} numbers where the model takes "
+                             f"{'floating-point ones' if expected_dtypes[name].is_floating_point else expected_dtypes[name]}"
+                             f": the file is damaged or was not written for Llama; {fix}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise LlamaError(
@@ -312,6 +321,12 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
             f"Meta's quantized or vision checkpoints are not supported, otherwise {mismatch_help}"
         )
     return tensors
+
+
+def holds_numbers_of_the_kind(stored: torch.dtype, taken: torch.dtype) -> bool:
+    """Floating-point weights of any precision (they are converted on loading); quantized codes
+    exactly as the model stores them (int8 values, uint8 int4 codes)."""
+    return stored.is_floating_point if taken.is_floating_point else stored == taken
 
 
 def load_weights(model: Transformer, files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> None:
