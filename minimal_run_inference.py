@@ -17,7 +17,8 @@ from fairscale.nn.model_parallel.initialize import initialize_model_parallel  # 
 
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Transformer
-    from llama_models.llama3.checkpoint import find_checkpoint_files, load_tokenizer, match_checkpoint_to_model, resolve_device
+    from llama_models.llama3.checkpoint import (convert_one_by_one, find_checkpoint_files, load_tokenizer,
+                                                match_checkpoint_to_model, resolve_device)
     from llama_models.llama3.quantize import pack_for_cpu
     from llama_models.llama3.sharding import read_shard
 except ImportError as error:
@@ -70,16 +71,17 @@ def main():
         model = Transformer(args)
 
     # 6. Load the weights: torch.load(..., mmap=True, weights_only=True), so no copy on the CPU and no
-    # code run; then every name and shape checked (3.2 1B/3B may share one embedding/output matrix)
+    # code run; then every name and shape checked (3.2 1B/3B may share one embedding/output matrix),
+    # and each tensor moved to the device in bfloat16 (Meta's files are, and stay where they lie)
     weights = match_checkpoint_to_model(read_shard(files.shards[0]), model, files.shards[0])
+    convert_one_by_one(weights, device, torch.bfloat16, files.shards)  # a shared matrix stays one
     model.load_state_dict(weights, strict=True, assign=True)
-    model.to(device, torch.bfloat16)  # on the device; a file in float32 or float16 becomes bfloat16 too
     pack_for_cpu(model, files.shards)  # int4 folders only: the CPU kernel's layout, and the file's codes let go
 
     # 7. Decode: prefill the prompt once, then one token per step through the KV cache
     started = time.perf_counter()
     logits = model(torch.tensor([prompt], device=device), start_pos=0)
-    if not logits.isfinite().all():
+    if not logits[0, -1].isfinite().all():
         raise LlamaError("the model's scores are NaN or infinite: its weights hold such numbers; download them again")
     decoder, generated = StreamingDecoder(tokenizer), []
     token = int(logits[0, -1].argmax())  # greedy: the most likely next token

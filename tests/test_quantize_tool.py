@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,22 +177,40 @@ def test_an_interrupted_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypa
     assert "interrupted" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
-def test_a_killed_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypatch):
-    """kill (SIGTERM) and a closed terminal (SIGHUP) clean up as Ctrl-C does; the exit status stays
-    the signal's."""
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_killed_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypatch, nested):
+    """kill (SIGTERM) and a closed terminal (SIGHUP) clean up as Ctrl-C does, parents the run made included."""
     def killed(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        reshard.raise_killed(signal.SIGTERM, None)
 
     monkeypatch.setattr(tool, "quantize_into", killed)
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        reshard.end_like_an_interrupt_when_killed()
-        with pytest.raises(SystemExit) as ended:
-            tool.main([str(tiny_checkpoint("gqa4")), str(tmp_path / "new"), "int8"])
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-    assert ended.value.code == 128 + signal.SIGTERM and not (tmp_path / "new").exists()
+    destination = tmp_path / "made" / "by the run" / "int8" if nested else tmp_path / "int8"
+    with pytest.raises(reshard.Killed):
+        tool.main([str(tiny_checkpoint("gqa4")), str(destination), "int8"])
+    assert sorted(tmp_path.iterdir()) == []
+
+
+TOOL_THAT_SIGNALS_ITSELF = """
+import os, signal, sys
+from llama_models import reshard
+def main():
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return 0
+reshard.run_tool(main)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_killed_tool_ends_by_the_same_signal(name):
+    """After cleaning up, the process dies of the signal: its parent sees a kill, not an exit code."""
+    finished = subprocess.run([sys.executable, "-c", TOOL_THAT_SIGNALS_ITSELF, name], capture_output=True, timeout=60)
+    assert finished.returncode == -getattr(signal, name), finished.stderr
+
+
+def test_under_nohup_a_closed_terminal_does_not_stop_the_tool():
+    finished = subprocess.run([sys.executable, "-c", TOOL_THAT_SIGNALS_ITSELF, "SIGHUP"], capture_output=True,
+                              timeout=60, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert finished.returncode == 0, finished.stderr
 
 
 def test_an_interrupted_reshard_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -251,7 +270,8 @@ def test_a_new_name_without_instruct_gets_a_note(tiny_checkpoint, tmp_path, caps
     assert "note:" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("problem", ["disk full", "group size with int8", "under torchrun"])
+@pytest.mark.parametrize("problem", ["disk full", "disk full, without posix_fallocate (macOS)",
+                                     "group size with int8", "under torchrun"])
 def test_the_tool_refuses_in_one_line_and_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys, problem):
     """A full disk shows when the file's room is reserved, before any write through the mapping
     (which would kill the process instead)."""
@@ -260,6 +280,9 @@ def test_the_tool_refuses_in_one_line_and_leaves_nothing(tiny_checkpoint, tmp_pa
         def no_space(fd, offset, length):
             raise OSError(28, "No space left on device")
         monkeypatch.setattr(tool.os, "posix_fallocate", no_space)
+    elif problem.startswith("disk full"):
+        monkeypatch.delattr(tool.os, "posix_fallocate")
+        monkeypatch.setattr(tool.shutil, "disk_usage", lambda path: SimpleNamespace(free=1))
     elif problem == "group size with int8":
         arguments += ["--group-size", "64"]
     else:
@@ -268,6 +291,7 @@ def test_the_tool_refuses_in_one_line_and_leaves_nothing(tiny_checkpoint, tmp_pa
     message = capsys.readouterr().err
     assert message.startswith("error: ") and message.count("\n") == 1, message
     assert {"disk full": "No space left on device", "group size with int8": "--group-size is for int4",
+            "disk full, without posix_fallocate (macOS)": "do not fit in the free space of",
             "under torchrun": "not under torchrun"}[problem] in message
     assert not (tmp_path / "new").exists()
 

@@ -33,7 +33,7 @@ from .llama3.args import LlamaError, ModelArgs  # noqa: E402
 from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
-from .reshard import check_destination, end_like_an_interrupt_when_killed, new_folder  # noqa: E402
+from .reshard import check_destination, new_folder, run_tool  # noqa: E402
 
 WEIGHTS_FILE = "consolidated.00.pth"
 
@@ -141,14 +141,25 @@ def write_in_place(path: Path, layout: dict, fill: Callable[[dict], None]) -> No
         skeleton = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(skeleton, path)
-    with open(path, "rb+") as file:  # the room is a hole: a write through the mapping to a full disk
-        os.posix_fallocate(file.fileno(), 0, os.path.getsize(path))  # would kill the process; this raises OSError
+    reserve_disk_space(path)
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
         mapped = torch.load(path, mmap=True, weights_only=True)
     fill(mapped)
     del mapped
     with open(path, "rb+") as file:
         os.fsync(file.fileno())
+
+
+def reserve_disk_space(path: Path) -> None:
+    """The skeleton's room is a hole: a write through the mapping to a full disk would kill the
+    process (SIGBUS), so the room is claimed now, where a full disk raises OSError. macOS has no
+    posix_fallocate: there the free space is checked instead."""
+    size = os.path.getsize(path)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "rb+") as file:
+            os.posix_fallocate(file.fileno(), 0, size)
+    elif shutil.disk_usage(path.parent).free < size:
+        raise OSError(f"{size / 2**30:.1f} GiB do not fit in the free space of {path.parent}")
 
 
 def quantize_into(shards: ShardFiles, names: list, matrices: list, scheme: str, group_size: int, mapped: dict,
@@ -231,6 +242,4 @@ def main(argv: list = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
-    end_like_an_interrupt_when_killed()
-    sys.exit(main())
+    run_tool(main)  # Ctrl-C, kill and a closed terminal: what was written is removed

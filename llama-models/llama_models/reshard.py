@@ -21,10 +21,12 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -70,30 +72,75 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
         shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
 
 
+# Writing a new folder: an error, a full disk, Ctrl-C, `kill` (SIGTERM) or a closed terminal (SIGHUP)
+# leaves no half-written copy behind. (SIGKILL and power cuts cannot be caught: params.json is
+# written last, so the loader refuses what they leave.)
+KILL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Killed(BaseException):
+    """SIGTERM or SIGHUP arrived. It unwinds the stack as Ctrl-C's KeyboardInterrupt does, so that
+    new_folder cleans up; then run_tool ends the process by the same signal."""
+
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.number = number
+
+
 @contextlib.contextmanager
 def new_folder(dst: Path):
-    """Make the folder `dst` (absent or empty, see check_destination) to write into. If anything
-    goes wrong while writing, an error, a full disk or an interrupt, it is left as it was found:
-    removed if this made it, emptied if it was empty."""
+    """Make the folder `dst` (absent or empty, see check_destination) to write into. If anything goes
+    wrong while writing, it is left as it was found: removed with any parents this made, or emptied."""
+    top = dst  # the outermost folder this makes: dst, or a missing parent of it
+    while not top.parent.exists():
+        top = top.parent
     created = not dst.exists()
     try:
         dst.mkdir(parents=True, exist_ok=True)
         yield
     except BaseException:
-        if created:
-            shutil.rmtree(dst, ignore_errors=True)
-        else:
-            for path in dst.iterdir():
-                path.unlink()
+        with signals_held():  # a second Ctrl-C must not stop the cleanup halfway
+            if created:
+                shutil.rmtree(top, ignore_errors=True)
+            else:
+                for path in dst.iterdir():
+                    path.unlink()
         raise
 
 
-def end_like_an_interrupt_when_killed() -> None:
-    """`kill` (SIGTERM) and a closed terminal (SIGHUP) raise SystemExit, so that new_folder cleans
-    up as for Ctrl-C; the exit status is still the signal's, 128 + its number."""
-    for name in ("SIGTERM", "SIGHUP"):  # Windows has no SIGHUP
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), lambda number, frame: sys.exit(128 + number))
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done (where the OS can hold them)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *KILL_SIGNALS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def run_tool(main: Callable[[], int]) -> None:
+    """A tool's `python -m` entry. Ctrl-C raises KeyboardInterrupt, which main reports (exit 130);
+    SIGTERM and SIGHUP raise Killed, and once new_folder has cleaned up, the process ends by that
+    signal, as whoever sent it expects. A signal already ignored stays ignored (nohup ignores SIGHUP,
+    so that a long run outlives its terminal)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in KILL_SIGNALS:
+        if signal.getsignal(number) is signal.SIG_DFL:
+            signal.signal(number, raise_killed)
+    try:
+        code = main()
+    except Killed as killed:
+        signal.signal(killed.number, signal.SIG_DFL)
+        os.kill(os.getpid(), killed.number)
+        code = 128 + killed.number  # where the signal is not fatal after all
+    sys.exit(code)
+
+
+def raise_killed(number: int, frame) -> None:
+    raise Killed(number)
 
 
 def check_destination(src: Path, dst: Path) -> None:
@@ -218,6 +265,4 @@ def main(argv: list = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
-    end_like_an_interrupt_when_killed()
-    sys.exit(main())
+    run_tool(main)
