@@ -28,11 +28,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
+if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+import torch  # noqa: E402
 
-from .llama3.args import LlamaError, ModelArgs
-from .llama3.checkpoint import find_checkpoint_files
-from .llama3.sharding import (
+from .llama3.args import LlamaError, ModelArgs  # noqa: E402
+from .llama3.checkpoint import find_checkpoint_files  # noqa: E402
+from .llama3.sharding import (  # noqa: E402
     KV_WEIGHTS,
     ShardFiles,
     args_for_model_parallel,
