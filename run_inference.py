@@ -298,8 +298,8 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # 6b. Quantize the weights (QUANTIZE = "int8", "int4" or "fp16")
 # ================================================================================================
 # A decode step reads every weight once, so it takes at least as long as the memory needs to deliver
-# them: bytes per weight set the limit on its speed. bfloat16 stores 2 bytes a weight. int8 stores 1, plus one
-# scale per row of 2048 or more: w ~ q * scale with q a whole number from -127 to 127. int4 stores
+# them: bytes per weight set the limit on its speed. bfloat16 stores 2 bytes a weight. int8 stores
+# 1, plus one scale per row of 2048 or more: w ~ q * scale with q a whole number from -127 to 127. int4 stores
 # half a byte, plus a scale and a zero point per group of 32 inputs (2 x 2 bytes / 32 = 1/8 byte
 # more): w ~ (q - 8) * scale + zero with q from 0 to 15. Llama 3.2 1B's 2.5 GB become 1.3 GB or 0.8 GB,
 # and 8B's 15 GB become 8 or 5: 8B then fits a 16 GB laptop.

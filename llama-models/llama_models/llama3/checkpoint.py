@@ -311,9 +311,9 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
             )
         if not holds_numbers_of_the_kind(tensors[name].dtype, expected_dtypes[name]):
             fix = quantized_help if name.endswith(QUANTIZED_PART_NAMES) else "download the checkpoint again"
+            taken = "floating-point ones" if expected_dtypes[name].is_floating_point else expected_dtypes[name]
             raise LlamaError(f"tensor {name!r} in {path} holds {tensors[name].dtype} numbers where the model takes "
-                             f"{'floating-point ones' if expected_dtypes[name].is_floating_point else expected_dtypes[name]}"
-                             f": the file is damaged or was not written for Llama; {fix}")
+                             f"{taken}: the file is damaged or was not written for Llama; {fix}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise LlamaError(

@@ -305,8 +305,9 @@ class Attention(nn.Module):
         # F.scaled_dot_product_attention computes exactly this. On the CPU its fused kernel works block
         # by block, never holds the (seq x kv_len) scores and copies no key/value head (Meta's code
         # repeats each n_rep times): on the Xeon of README's "Speed and memory", a 4,096-token 1B
-        # prompt took 10 s where Meta's layout and the products written out took 34. Where no fused kernel fits (some GPU cases) PyTorch falls
-        # back to the plain computation, which is why run_inference.py prefills in chunks. For a
+        # prompt took 10 s where Meta's layout and the products written out took 34. Where no fused
+        # kernel fits (some GPU cases) PyTorch falls back to the plain computation, which is why
+        # run_inference.py prefills in chunks. For a
         # decode step's single query row it can be slow on the CPU, so `attention` (products.py)
         # times it against float32 variants and keeps the fastest, as it does for the matrices.
         # run_inference.py's `last_layer_attention` writes the same computation out step by step.

@@ -55,8 +55,9 @@ bfloat16 candidates take several times longer than the float32 copy, and two tri
 trials are the model's own products, so choosing costs no extra work, only the difference between
 the slower candidates and the fastest during those first products: part of the first prompt,
 and the first decode steps (the output layer runs once a step, so its kind takes the most: TRIALS
-steps per candidate, 15 for a bfloat16 one's five, fewer where slow ones stop early). `chosen_kernel(rows, weight)` names what was
-chosen; run_inference.py's SHOW_PROFILE shows it beside the time each part of a decode step takes.
+steps per candidate, 15 for a bfloat16 one's five, fewer where slow ones stop early).
+`chosen_kernel(rows, weight)` names what was chosen; run_inference.py's SHOW_PROFILE shows it
+beside the time each part of a decode step takes.
 
 A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`
 accepts its weights, so that the same trials pick among them. Attention, the model's other

@@ -19,10 +19,10 @@ packed for PyTorch's fbgemm library, whose half-precision product can be faster 
 bfloat16 arithmetic (`Float16Weight`; only the multiplied matrices, not the embedding).
 
 `quantize(model, scheme)` replaces each linear layer's weight (and the embedding, which a Llama 3.2
-model shares with its output layer: the shared matrix stays one) by an `Int8Weight` or `Int4Weight` (fp16: a `Float16Weight`),
-tensor by tensor, and gives back each bfloat16 original's pages of the memory-mapped file as it goes,
-so memory stays near the quantized size. products.py then picks among the kernels that take each
-kind of weight by timing them, as it does for bfloat16.
+model shares with its output layer: the shared matrix stays one) by an `Int8Weight` or `Int4Weight`
+(fp16: a `Float16Weight`), tensor by tensor, and gives back each bfloat16 original's pages of the
+memory-mapped file as it goes, so memory stays near the quantized size. products.py then picks
+among the kernels that take each kind of weight by timing them, as it does for bfloat16.
 
 A quantized checkpoint (`python -m llama_models.quantize SRC DST int8`) holds the same weights in a
 portable layout: the state dict of a quantized model, so `layers.0.attention.wq.weight.values` and
