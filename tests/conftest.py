@@ -25,6 +25,7 @@ def fresh_choosers(monkeypatch):
     from llama_models.llama3 import products
 
     monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    monkeypatch.setattr(products, "DEVICE_CHOOSERS", {})
     monkeypatch.setattr(products, "ATTENTION_CHOOSER",
                         products.KernelChooser(products.ATTENTION_KERNELS, kind_of=products.attention_kind))
 

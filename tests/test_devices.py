@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_reference import hf_model_from_meta_checkpoint
-from llama_models.llama3 import load_llama
+from llama_models.llama3 import load_llama, products
 from test_model_parity import random_tokens
 from test_quantize import dequantized_copy
 from test_run_inference import assert_ran_cleanly, run_python, with_settings
@@ -84,12 +84,43 @@ def test_quantized_weights_compute_the_dequantized_model(tiny_checkpoint, device
         assert (ours - expected).abs().max().item() < TOLERANCE * expected.abs().max().item()
 
 
+# PyTorch's built-in kernels that a device of that type has (quantize.py and products.py): tinygemm
+# needs a GPU of compute capability 8.0 or later.
+BUILT_IN_KERNELS = {("cuda", "int4"): torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0),
+                    ("mps", "int8"): True}
+
+
+@on_each_accelerator
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_built_in_kernels_compute_the_dequantized_model_in_bfloat16(tiny_checkpoint, fresh_choosers, device,
+                                                                    scheme):
+    """bfloat16, which tinygemm takes; gqa4's matrices fit the kernels' tiles. The reference is the
+    float model on the same device, its matrices the same quantized numbers dequantized. Both differ
+    by the rounding of bfloat16 activations, a percent of the largest logit at most."""
+    folder = tiny_checkpoint("gqa4")
+    model, _ = load_llama(folder, device=device, dtype=torch.bfloat16, max_seq_len=64, max_batch_size=3,
+                          quantize=scheme)
+    reference = dequantized_copy(folder, scheme, torch.bfloat16).to(device)
+    wq = model.layers[0].attention.wq.weight
+    if BUILT_IN_KERNELS.get((device, scheme)):
+        assert products._has_built_in_kernel(torch.ones(1, wq.shape[1], dtype=torch.bfloat16, device=device), wq)
+    tokens = torch.randint(0, model.args.vocab_size, (3, 48), generator=torch.Generator().manual_seed(2))
+    for start, stop, batch in [(0, 40, 1), *[(pos, pos + 1, 1) for pos in range(40, 48)], (0, 40, 3), (40, 48, 3)]:
+        expected = reference(tokens[:batch, start:stop].to(device), start).float()
+        ours = model(tokens[:batch, start:stop].to(device), start).float()
+        assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+    print(f"{device} {scheme}: one row by {products.chosen_kernel(1, wq)}, 40 rows by {products.chosen_kernel(40, wq)}")
+
+
 @on_each_accelerator
 def test_the_script_decodes_and_profiles_on_the_device(tiny_checkpoint, device):
     settings = (f"r.DEVICE = {device!r}\nr.MAX_NEW_TOKENS = 8\nr.SHOW_PROFILE = True\nr.SHOW_MEMORY = True\n"
-                "r.main()\nr.DECODING = 'beam'\nr.SHOW_PROFILE = False\nr.SHOW_MEMORY = False")
+                "r.main()\nr.DECODING = 'beam'\nr.SHOW_PROFILE = False\nr.SHOW_MEMORY = False\n"
+                "r.main()\nr.DECODING = 'greedy'\nr.DTYPE = 'bfloat16'\nr.QUANTIZE = 'int4'")
     finished = run_python(with_settings(settings), checkpoint=tiny_checkpoint("gqa4"))
     assert_ran_cleanly(finished)
     assert f"on {device}" in finished.stdout
     assert re.search(r"^  attention .* SDPA", finished.stdout, re.MULTILINE)
     assert re.search(r"^--- beam 4:", finished.stdout, re.MULTILINE)
+    built_in = "multiplied by PyTorch's int4 kernel" if BUILT_IN_KERNELS.get((device, "int4")) else "dequantized"
+    assert f"the int4 matrices are {built_in}" in finished.stdout

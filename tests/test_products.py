@@ -121,7 +121,57 @@ def test_other_devices_use_f_linear(fresh_choosers):
     x, weight = torch.ones(1, 3, 64, dtype=BF16, device="meta"), torch.ones(96, 64, dtype=BF16, device="meta")
     assert products.linear(x, weight).shape == (1, 3, 96)
     assert products.CPU_CHOOSER.times == {}  # no CPU candidate was timed on it
+    assert products.DEVICE_CHOOSERS["meta"].times == {}  # one candidate: nothing timed
     assert products.chosen_kernel(3, weight) == "F.linear"
+
+
+@pytest.fixture
+def fresh_probes():
+    products.built_in_kernel_agrees.cache_clear()
+    yield
+    products.built_in_kernel_agrees.cache_clear()
+
+
+def test_a_built_in_kernel_is_used_only_where_it_runs_and_agrees(fresh_probes, monkeypatch):
+    """The CPU has torch._weight_int8pack_mm but not torch._weight_int4pack_mm (CUDA's and MPS's); the
+    meta device runs neither (no numbers to compare); a kernel giving other numbers is refused."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert products.built_in_kernel_agrees(cpu, "int8", BF16, 0)
+    assert products.built_in_kernel_agrees(cpu, "int8", F32, 0)
+    assert not products.built_in_kernel_agrees(cpu, "int4", BF16, 32)
+    assert not products.built_in_kernel_agrees(meta, "int8", BF16, 0)
+    assert not products.built_in_kernel_agrees(meta, "int4", BF16, 32)  # PyTorch's meta kernel fails here
+    products.built_in_kernel_agrees.cache_clear()
+    monkeypatch.setattr(products, "_int8_kernel", lambda x, weight: 1.1 * F.linear(x, weight.dequantize(x.dtype)))
+    assert not products.built_in_kernel_agrees(cpu, "int8", BF16, 0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_the_device_candidates_compute_the_dequantized_product(fresh_probes, rows):
+    """DEVICE_KERNELS run on CPU tensors here: int8 has its built-in kernel (the CPU has that op) and
+    the dequantized product as candidates, both timed; int4, whose kernel the CPU lacks, has one."""
+    from llama_models.llama3.quantize import Int4Weight, Int8Weight
+
+    generator = torch.Generator().manual_seed(5)
+    matrix = torch.randn(64, 128, generator=generator).to(BF16)
+    x = torch.randn(rows, 128, generator=generator).to(BF16)
+    chooser = products.KernelChooser(products.DEVICE_KERNELS)
+    for weight in (Int8Weight.from_float(matrix), Int4Weight.from_float(matrix)):
+        expected = F.linear(x.float(), weight.dequantize(F32))
+        for _ in range(2 * products.TRIALS):
+            y = chooser(x, weight)
+            assert (y.float() - expected).abs().max() <= 2**-7 * expected.abs().max()
+    assert set(chooser.times[products.product_kind(rows, Int8Weight.from_float(matrix))]) == {
+        "int8 kernel", "dequantized"}
+    assert chooser.chosen[products.product_kind(rows, Int4Weight.from_float(matrix))].name == "dequantized"
+
+
+def test_a_shape_off_the_built_in_kernels_tiles_is_dequantized(fresh_probes):
+    from llama_models.llama3.quantize import Int8Weight
+
+    for width, fits in [(96, False), (128, True)]:  # inputs in multiples of 128
+        weight = Int8Weight.from_float(torch.randn(64, width, dtype=BF16))
+        assert products._has_built_in_kernel(torch.ones(1, width, dtype=BF16), weight) == fits
 
 
 def test_every_product_of_a_kind_has_the_same_candidates(fresh_choosers, monkeypatch):

@@ -156,6 +156,31 @@ def test_int4_packing_for_the_cpu_equals_the_kernels_own_conversion(rows, width)
     assert torch.equal(weight.cpu_packed().flatten(), expected.flatten())
 
 
+def test_int4_packing_for_cuda_and_mps_gives_the_conversion_high_halves_first(monkeypatch):
+    """torch._convert_weight_to_int4pack (CUDA, MPS; not in a CPU build, so caught here) reads
+    column 2k from the high half of byte k: PyTorch's int4mm.cu, matrix_to_m16n8k16_Bint4_layout."""
+    given = []
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", lambda codes, tiles: given.append((codes, tiles)) or codes)
+    weight = Int4Weight.from_float(torch.randn(32, 128, generator=torch.Generator().manual_seed(0)))
+    columns = unpack_codes(weight.codes)  # (32, 128): codes 0..15, column by column
+    weight.device_packed()
+    (codes, tiles), = given
+    assert tiles == 8 and codes.shape == (32, 64) and codes.dtype == torch.uint8
+    assert torch.equal(codes >> 4, columns[:, 0::2]) and torch.equal(codes & 15, columns[:, 1::2])
+    assert weight.codes is None  # only multiplied: the packing alone is kept
+
+
+def test_an_int4_packing_does_not_move_to_another_device(tiny_checkpoint):
+    """A kernel's layout is its device's: a tied matrix keeps its codes, so its packing is dropped
+    (and made again there); a matrix that kept only the CPU's packing cannot move."""
+    tied, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize="int4")
+    output = tied.output.weight
+    output.to("meta")
+    assert output.packed is None and output.codes.device.type == "meta"
+    with pytest.raises(LlamaError, match="packed for the cpu kernel .* load the model on the device it runs on"):
+        tied.to("meta")
+
+
 def test_without_a_recognised_layout_the_kernel_packs(monkeypatch):
     from llama_models.llama3 import quantize as quantize_module
 

@@ -6,7 +6,7 @@ PyTorch build and the shape (README, "Speed and memory, measured", has two machi
 nothing here says which kernel to use: on the CPU the first products of each kind are computed by
 the candidates in turn, each timed where it runs (the weights streaming from memory between the
 other layers' products, exactly as they will in every later step), and from then on each kind uses
-the one that was fastest. Other devices use F.linear.
+the one that was fastest. Other devices choose the same way among their own candidates (below).
 
 A kind of product is (dtype, weight shape, rows rounded up to a power of two). Rows tell apart the
 products that set a Llama's speed:
@@ -48,16 +48,27 @@ may differ in the last bits.
 
 The rule: each candidate that applies to a kind computes TRIALS products of that kind (on different
 layers' weights of the same shape, or on the same one in later steps), and the kind's kernel is
-the candidate with the lowest single time: interference from other processes, or a weight's first
-read from a memory-mapped file, only ever adds time. A candidate whose best of two times is more
-than DROP_FACTOR times the fastest seen stops early: where bfloat16 products are slow, a prompt's
-bfloat16 candidates take several times longer than the float32 copy, and two trials show it. The
-trials are the model's own products, so choosing costs no extra work, only the difference between
-the slower candidates and the fastest during those first products: part of the first prompt,
-and the first decode steps (the output layer runs once a step, so its kind takes the most: TRIALS
-steps per candidate, 15 for a bfloat16 one's five, fewer where slow ones stop early).
+the candidate with the lowest single time (a kind with one candidate is not timed at all):
+interference from other processes, or a weight's first read from a memory-mapped file, only ever
+adds time. A candidate whose best of two times is more than DROP_FACTOR times the fastest seen
+stops early: where bfloat16 products are slow, a prompt's bfloat16 candidates take several times
+longer than the float32 copy, and two trials show it. The trials are the model's own products,
+so choosing costs no extra work, only the difference between the slower candidates and the
+fastest during those first products: part of the first prompt, and the first decode steps (the
+output layer runs once a step, so its kind takes the most: TRIALS steps per candidate, 15 for a
+bfloat16 one's five, fewer where slow ones stop early).
 `chosen_kernel(rows, weight)` names what was chosen; run_inference.py's SHOW_PROFILE shows it
 beside the time each part of a decode step takes.
+
+Off the CPU (CUDA, MPS: `DEVICE_KERNELS`) a float matrix is multiplied by F.linear, the device's
+own library, and a quantized one by PyTorch's built-in kernel for it where this PyTorch has one
+for the device and the activations' dtype: "int8 kernel" (torch._weight_int8pack_mm, which MPS
+has) and "int4 kernel" (torch._weight_int4pack_mm: CUDA's tinygemm, on GPUs of compute capability
+8.0 or later with bfloat16 activations, and MPS). Which exist is not assumed: each is tried once
+per device, dtype and group size on a small probe matrix, and used only if it gives the
+dequantized product (`built_in_kernel_agrees`). Where it does not, or for int8 as a second
+candidate, "dequantized" converts the matrix back for each product. The timing there waits for
+the device to finish each product.
 
 A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`
 accepts its weights, so that the same trials pick among them. Attention, the model's other
@@ -65,6 +76,7 @@ product, is chosen by the same mechanism among its own candidates (the last sect
 """
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,6 +84,8 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .quantize import quantized
 
 # "row blocks": weight rows per block. A block of the Llama 3 output layer (128,256 x dim) is 1/8 of it.
 ROW_BLOCK = 16384
@@ -145,6 +159,11 @@ def _int4_kernel(x, weight):
     return torch._weight_int4pack_mm_for_cpu(x, packed, weight.group_size, weight.scales_and_zeros.to(x.dtype))
 
 
+def _built_in_int4_kernel(x, weight):  # off the CPU: CUDA's tinygemm, MPS
+    packed = weight.device_packed()  # made on the first product
+    return torch._weight_int4pack_mm(x, packed, weight.group_size, weight.scales_and_zeros.to(x.dtype))
+
+
 def _fbgemm_float16(x, weight):
     return weight.product(x)
 
@@ -190,6 +209,48 @@ def _is_dequantizable_prompt(x, weight):
     return _is_prompt(x, weight) and not _is_plain(x, weight) and weight.can_dequantize
 
 
+# The built-in kernels' tiles: MPS's int8 kernel takes multiples of 32 rows and inputs, tinygemm
+# multiples of 8 rows and of INNER_K_TILES x 16 inputs (quantize.py packs with INNER_K_TILES = 8).
+BUILT_IN_ROW_MULTIPLE, BUILT_IN_INPUT_MULTIPLE = 32, 128
+PROBE_SHAPE = (64, 256)  # (out, in) of the matrix each built-in kernel is first tried on
+PROBE_TOLERANCE = 0.02  # of the largest result: activations rounded to bfloat16 move it by 0.4%
+
+
+def built_in_kernel_serves(weight, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's built-in kernel for this quantized matrix's scheme multiplies it by
+    activations in `dtype` on its device (off the CPU; products.py times it there)."""
+    return (weight.dtype in ("int8", "int4")
+            and weight.shape[0] % BUILT_IN_ROW_MULTIPLE == 0 and weight.shape[1] % BUILT_IN_INPUT_MULTIPLE == 0
+            and built_in_kernel_agrees(weight.device, weight.dtype, dtype, getattr(weight, "group_size", 0)))
+
+
+def _has_built_in_kernel(x, weight):
+    return not _is_plain(x, weight) and built_in_kernel_serves(weight, x.dtype)
+
+
+@functools.cache
+def built_in_kernel_agrees(device: torch.device, scheme: str, dtype: torch.dtype, group_size: int) -> bool:
+    """Whether PyTorch's built-in `scheme` kernel runs on `device` for activations in `dtype` and
+    gives the dequantized product of a random probe matrix: False where this PyTorch has no such
+    kernel for the device (or the GPU), or where its layout is not the one we pack."""
+    generator = torch.Generator().manual_seed(0)
+    matrix, x = torch.randn(PROBE_SHAPE, generator=generator), torch.randn(3, PROBE_SHAPE[1], generator=generator)
+    try:
+        weight = quantized(matrix.to(device, dtype), scheme, group_size)  # int8 has no groups: it ignores the size
+        x = x.to(device, dtype)  # (3, in)
+        expected = F.linear(x.float(), weight.dequantize(torch.float32))  # before int4's packing lets go of its codes
+        result = (_int8_kernel if scheme == "int8" else _built_in_int4_kernel)(x, weight).float()
+        return bool(((result - expected).abs().max() <= PROBE_TOLERANCE * expected.abs().max()).item())
+    except Exception:  # of any kind: no such kernel here, not for this dtype or GPU, or no numbers (meta)
+        return False
+
+
+def _is_dequantized_off_the_cpu(x, weight):
+    # int8 keeps its values for its kernel, so both are candidates; an int4 matrix packed for its
+    # kernel lets go of its codes, so there the kernel is its only one.
+    return not _is_plain(x, weight) and (weight.dtype == "int8" or not _has_built_in_kernel(x, weight))
+
+
 CPU_KERNELS = (
     Kernel("F.linear", _f_linear, _is_plain),
     Kernel("torch.mv", _matrix_vector, lambda x, weight: x.shape[0] == 1 and _is_plain(x, weight)),
@@ -206,6 +267,15 @@ CPU_KERNELS = (
     Kernel("fbgemm fp16", _fbgemm_float16, _is_float16),
     Kernel("dequantized", _dequantized, _is_dequantizable_prompt),
     Kernel("dequantized to float32", _dequantized_float32, _is_dequantizable_prompt),
+)
+
+
+DEVICE_KERNELS = (
+    Kernel("F.linear", _f_linear, _is_plain),
+    Kernel("int8 kernel", _int8_kernel, lambda x, weight: _is_int8(x, weight) and _has_built_in_kernel(x, weight)),
+    Kernel("int4 kernel", _built_in_int4_kernel,
+           lambda x, weight: _is_int4(x, weight) and _has_built_in_kernel(x, weight)),
+    Kernel("dequantized", _dequantized, _is_dequantized_off_the_cpu),
 )
 
 
@@ -251,6 +321,9 @@ class KernelChooser:
 
     def _trial(self, kind: tuple, inputs: tuple) -> torch.Tensor:
         candidates = [kernel for kernel in self.kernels if kernel.applies(*inputs)]
+        if len(candidates) == 1:  # nothing to choose between: no timing
+            self.chosen[kind] = candidates[0]
+            return candidates[0].compute(*inputs)
         times = self.times.setdefault(kind, {kernel.name: [] for kernel in candidates})
         trying = [kernel for kernel in candidates if not self._tried_enough(times, kernel.name)]
         kernel = min(trying, key=lambda candidate: len(times[candidate.name]))  # the least tried
@@ -270,16 +343,36 @@ class KernelChooser:
 
 
 CPU_CHOOSER = KernelChooser(CPU_KERNELS)
+DEVICE_CHOOSERS = {}  # device type ("cuda", "mps") -> its KernelChooser of DEVICE_KERNELS
+
+
+def synchronized_clock(device: torch.device) -> Callable[[], float]:
+    """time.perf_counter once the device has finished the work queued on it: a GPU runs a product
+    after the call that queued it has returned."""
+    accelerator = torch.accelerator.current_accelerator()
+
+    def clock() -> float:
+        if accelerator is not None and device.type == accelerator.type:
+            torch.accelerator.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+def chooser_for(device: torch.device) -> KernelChooser:
+    if device.type == "cpu":
+        return CPU_CHOOSER
+    if device.type not in DEVICE_CHOOSERS:
+        DEVICE_CHOOSERS[device.type] = KernelChooser(DEVICE_KERNELS, clock=synchronized_clock(device))
+    return DEVICE_CHOOSERS[device.type]
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
     """x @ weight.T, the product of every linear layer.   x: (..., in), weight: (out, in) -> (..., out)
 
-    `weight` is a tensor or a quantized weight (quantize.py). Off the CPU a quantized weight is
-    dequantized for the product (MPS and CUDA have kernels of their own, with other layouts)."""
-    if x.device.type != "cpu":
-        return F.linear(x, weight if isinstance(weight, torch.Tensor) else weight.dequantize(x.dtype))
-    y = CPU_CHOOSER(x.reshape(-1, x.shape[-1]), weight)  # (rows, out)
+    `weight` is a tensor or a quantized weight (quantize.py), computed by the kernel chosen for
+    this kind of product on x's device."""
+    y = chooser_for(x.device)(x.reshape(-1, x.shape[-1]), weight)  # (rows, out)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -293,10 +386,8 @@ def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
 
 
 def chosen_kernel(rows: int, weight) -> str:
-    """The name of the kernel this product uses, "F.linear" off the CPU, or "(still timing)"."""
-    if weight.device.type != "cpu":
-        return "F.linear"
-    kernel = CPU_CHOOSER.chosen.get(product_kind(rows, weight))
+    """The name of the kernel this product uses, or "(still timing)"."""
+    kernel = chooser_for(weight.device).chosen.get(product_kind(rows, weight))
     return kernel.name if kernel else "(still timing)"
 
 
@@ -410,5 +501,6 @@ def chosen_attention(device: torch.device, batch: int, seq: int = 1) -> str:
 
 
 def trials_run() -> int:
-    """Timed trials of both choosers so far: a profile leaves out the steps in which this grew."""
-    return CPU_CHOOSER.trials_run + ATTENTION_CHOOSER.trials_run
+    """Timed trials of every chooser so far: a profile leaves out the steps in which this grew."""
+    choosers = [CPU_CHOOSER, ATTENTION_CHOOSER, *DEVICE_CHOOSERS.values()]
+    return sum(chooser.trials_run for chooser in choosers)

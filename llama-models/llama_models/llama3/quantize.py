@@ -50,6 +50,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch._weight_int4pack_mm_for_cpu 
 # The CPU int4 kernel's packed layout is converted from ours this many rows at a time: the
 # conversion takes 4-byte codes, and a whole output layer of them would be 1 GB.
 INT4_PACK_ROWS = 8192
+INNER_K_TILES = 8  # torch._convert_weight_to_int4pack (CUDA, MPS): 16-input tiles per 16-byte load
 
 
 class QuantizedWeight(nn.Module):
@@ -136,10 +137,11 @@ class Int4Weight(QuantizedWeight):
     high), and scales_and_zeros (in / group_size, out, 2): w ~ (q - 8) * scale + zero per group.
     Those two are what a state dict holds, the kernel's scales_and_zeros as it takes them.
 
-    The CPU kernel's own packing of the codes depends on the CPU, so it is made from them here, on
-    the first product or earlier by `pack_for_cpu` (`packed`, not saved). A matrix that is only
-    multiplied then needs only the packing, and lets go of its codes; one that is also looked up
-    (`looked_up`: an embedding, or one shared with the output layer) keeps them.
+    The kernels' own packings of the codes depend on the CPU or the GPU, so they are made from them
+    where the model runs (`packed`, not saved): the CPU's on the first product or earlier by
+    `pack_for_cpu`, CUDA's and MPS's on the first product. A matrix that is only multiplied then
+    needs only the packing, and lets go of its codes; one that is also looked up (`looked_up`: an
+    embedding, or one shared with the output layer) keeps them.
     """
 
     kind = "int4"
@@ -186,13 +188,16 @@ class Int4Weight(QuantizedWeight):
 
     def rows(self, ids, dtype):
         if self.codes is None:
-            raise LlamaError("this int4 matrix was packed for the CPU's kernel and kept only that layout: load "
-                             "the model on the device it runs on (load_llama(..., device=...))")
+            raise self._only_packed()
         q = unpack_codes(self.codes[ids], dtype)  # (..., in)
         scale, zero = self.scales_and_zeros[:, ids, 0], self.scales_and_zeros[:, ids, 1]  # (groups, ...)
         grouped = q.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         scale, zero = scale.movedim(0, -1)[..., None].to(dtype), zero.movedim(0, -1)[..., None].to(dtype)
         return ((grouped - 8) * scale + zero).flatten(-2)
+
+    def _only_packed(self) -> LlamaError:
+        return LlamaError(f"this int4 matrix was packed for the {self.packed.device.type} kernel and kept only that "
+                          "layout: load the model on the device it runs on (load_llama(..., device=...))")
 
     def cpu_packed(self, shard_paths: list = ()) -> torch.Tensor:
         """The codes in the CPU kernel's layout, made on first use. A matrix not `looked_up` then
@@ -212,6 +217,24 @@ class Int4Weight(QuantizedWeight):
                 release_mapped_pages(self.codes, list(shard_paths))
                 self.codes = None
         return self.packed
+
+    def device_packed(self) -> torch.Tensor:
+        """The codes in the layout of torch._weight_int4pack_mm (CUDA, MPS), made on first use; a
+        matrix not `looked_up` then lets go of its codes. torch._convert_weight_to_int4pack makes it
+        from (out, in / 2) bytes that hold column 2k in the high half, the other way round from ours."""
+        if self.packed is None:
+            high_first = (self.codes << 4) | (self.codes >> 4)  # (out, in / 2): each byte's halves swapped
+            self.packed = torch._convert_weight_to_int4pack(high_first, INNER_K_TILES)
+            if not self.looked_up:
+                self.codes = None
+        return self.packed
+
+    def _apply(self, fn, recurse=True):  # model.to(...): a kernel's packing belongs to its device
+        if self.packed is not None and fn(torch.empty(0, device=self.packed.device)).device != self.packed.device:
+            if self.codes is None:
+                raise self._only_packed()
+            self.packed = None  # made again for the kernel where the matrix goes
+        return super()._apply(fn, recurse)
 
 
 # ------------------------------------------------------------------------------------------------
