@@ -325,7 +325,9 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # writes a folder whose params.json names the scheme; point MODEL_NAME at it, and its matrices are
 # memory-mapped as they lie in the file (QUANTIZE = None, or the folder's own scheme; others are refused).
 # int4's CPU kernel wants the codes in a layout of its own, which depends on the CPU: that layout is
-# made while loading, from the portable one in the file.
+# made while loading, from the portable one in the file. On CUDA and MPS, PyTorch's own int4 and
+# int8 kernels take the matrices where this PyTorch has them for the device (products.py tries
+# each once on a small matrix first); elsewhere each matrix is dequantized for its product.
 #
 # "fp16" rounds nothing away: float16 holds every bfloat16 weight of a Llama exactly (its 11
 # significant bits include bfloat16's 8) unless it is below 6e-5 in magnitude, and those move by
@@ -1185,8 +1187,11 @@ def run() -> None:
     scheme = (params.quantization or {}).get("scheme") or QUANTIZE  # a quantized folder's own, or ours
     quantize_loaded(model, QUANTIZE, params, files.shards, quantizing_progress(scheme, is_main))  # 6b. quantize them
     if scheme and device.type != "cpu" and is_main:
-        print(f"(on {device.type} the {scheme} matrices are dequantized for every product: less memory, "
-              "but more work per product than bfloat16)")
+        built_in = products.built_in_kernel_serves(model.layers[0].attention.wq.weight, dtype)
+        print(f"(on {device.type} the {scheme} matrices are " + (
+            f"multiplied by PyTorch's {scheme} kernel for {device.type}, or dequantized where that is faster)"
+            if built_in else f"dequantized for every product, as PyTorch has no {scheme} kernel here for {dtype}: "
+            "less memory, but more work per product than bfloat16)"))
     if is_main:
         stored = f"{dtype} ({scheme} matrices)" if scheme else f"{dtype}"
         print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {stored} on {device}, "
