@@ -7,7 +7,6 @@ with nothing written.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
