@@ -341,6 +341,16 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # product against the others and keeps the fastest, as for every kind of weight.
 
 
+def how_quantized_matrices_multiply(model, scheme: str, device, dtype) -> str:
+    """A line for off the CPU: PyTorch's built-in kernel for the scheme (products.py tries it once
+    on a small matrix), or each matrix dequantized for its product."""
+    if not products.built_in_kernel_serves(model.layers[0].attention.wq.weight, dtype):
+        return (f"(on {device.type} the {scheme} matrices are dequantized for every product, as this PyTorch has no "
+                f"{scheme} kernel for {dtype} there: less memory, but more work per product than bfloat16)")
+    fallback = ", or dequantized where that is faster" if scheme == "int8" else ""  # int4 lets go of its codes
+    return f"(on {device.type} the {scheme} matrices are multiplied by PyTorch's {scheme} kernel{fallback})"
+
+
 def quantizing_progress(scheme: str, is_main: bool):
     """progress(done, total) for quantize(): a line that counts up on a terminal; only its end in a file."""
     started = time.perf_counter()
@@ -1187,11 +1197,7 @@ def run() -> None:
     scheme = (params.quantization or {}).get("scheme") or QUANTIZE  # a quantized folder's own, or ours
     quantize_loaded(model, QUANTIZE, params, files.shards, quantizing_progress(scheme, is_main))  # 6b. quantize them
     if scheme and device.type != "cpu" and is_main:
-        built_in = products.built_in_kernel_serves(model.layers[0].attention.wq.weight, dtype)
-        print(f"(on {device.type} the {scheme} matrices are " + (
-            f"multiplied by PyTorch's {scheme} kernel for {device.type}, or dequantized where that is faster)"
-            if built_in else f"dequantized for every product, as PyTorch has no {scheme} kernel here for {dtype}: "
-            "less memory, but more work per product than bfloat16)"))
+        print(how_quantized_matrices_multiply(model, scheme, device, dtype))
     if is_main:
         stored = f"{dtype} ({scheme} matrices)" if scheme else f"{dtype}"
         print(f"{files.model_name}: {args.n_layers} layers, dim {args.dim}, {stored} on {device}, "

@@ -2,9 +2,10 @@
 
 The other tests check our arithmetic on the CPU. These check what only an accelerator runs: its own
 matrix products and scaled_dot_product_attention (products.py leaves both to the device), the
-default dtype there, quantized weights dequantized for each product, and the script's device
-paths (synchronizing before each timing, the device's peak memory). Where the machine has no
-accelerator, pytest lists these tests as skipped, with the empty parameter list as the reason.
+default dtype there, quantized weights (by PyTorch's built-in kernels where they serve, else
+dequantized for each product), and the script's device paths (synchronizing before each timing,
+the device's peak memory). Where the machine has no accelerator, pytest lists these tests as
+skipped, with the empty parameter list as the reason.
 """
 
 import re
@@ -14,6 +15,7 @@ import torch
 
 from hf_reference import hf_model_from_meta_checkpoint
 from llama_models.llama3 import load_llama, products
+from llama_models.llama3.quantize import QuantizedWeight
 from test_model_parity import random_tokens
 from test_quantize import dequantized_copy
 from test_run_inference import assert_ran_cleanly, run_python, with_settings
@@ -84,10 +86,11 @@ def test_quantized_weights_compute_the_dequantized_model(tiny_checkpoint, device
         assert (ours - expected).abs().max().item() < TOLERANCE * expected.abs().max().item()
 
 
-# PyTorch's built-in kernels that a device of that type has (quantize.py and products.py): tinygemm
-# needs a GPU of compute capability 8.0 or later.
+# Built-in kernels that PyTorch's source says a device of that type has, which products.py must
+# then use (others may exist: MPS's int4, CUDA's int8): tinygemm needs compute capability 8.0 or later.
 BUILT_IN_KERNELS = {("cuda", "int4"): torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0),
                     ("mps", "int8"): True}
+
 
 
 @on_each_accelerator
@@ -102,13 +105,17 @@ def test_built_in_kernels_compute_the_dequantized_model_in_bfloat16(tiny_checkpo
                           quantize=scheme)
     reference = dequantized_copy(folder, scheme, torch.bfloat16).to(device)
     wq = model.layers[0].attention.wq.weight
-    if BUILT_IN_KERNELS.get((device, scheme)):
-        assert products._has_built_in_kernel(torch.ones(1, wq.shape[1], dtype=torch.bfloat16, device=device), wq)
+    if BUILT_IN_KERNELS.get((device, scheme)):  # gqa4's matrices all fit the kernels' tiles
+        assert all(products.built_in_kernel_serves(weight, torch.bfloat16)
+                   for weight in model.modules() if isinstance(weight, QuantizedWeight))
     tokens = torch.randint(0, model.args.vocab_size, (3, 48), generator=torch.Generator().manual_seed(2))
     for start, stop, batch in [(0, 40, 1), *[(pos, pos + 1, 1) for pos in range(40, 48)], (0, 40, 3), (40, 48, 3)]:
         expected = reference(tokens[:batch, start:stop].to(device), start).float()
         ours = model(tokens[:batch, start:stop].to(device), start).float()
         assert (ours - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+    if BUILT_IN_KERNELS.get((device, scheme)):  # int4's only candidate there; int8's timed against dequantizing
+        tried = products.chooser_for(wq.device).times.get(products.product_kind(1, wq), {})
+        assert products.chosen_kernel(1, wq) == f"{scheme} kernel" or f"{scheme} kernel" in tried
     print(f"{device} {scheme}: one row by {products.chosen_kernel(1, wq)}, 40 rows by {products.chosen_kernel(40, wq)}")
 
 
@@ -122,5 +129,6 @@ def test_the_script_decodes_and_profiles_on_the_device(tiny_checkpoint, device):
     assert f"on {device}" in finished.stdout
     assert re.search(r"^  attention .* SDPA", finished.stdout, re.MULTILINE)
     assert re.search(r"^--- beam 4:", finished.stdout, re.MULTILINE)
-    built_in = "multiplied by PyTorch's int4 kernel" if BUILT_IN_KERNELS.get((device, "int4")) else "dequantized"
-    assert f"the int4 matrices are {built_in}" in finished.stdout
+    indexed = torch.ones(0, device=device).device  # "cuda:0", as the model's tensors name it
+    served = products.built_in_kernel_agrees(indexed, "int4", torch.bfloat16, 32)
+    assert f"the int4 matrices are {'multiplied by' if served else 'dequantized'}" in finished.stdout

@@ -121,15 +121,8 @@ def test_other_devices_use_f_linear(fresh_choosers):
     x, weight = torch.ones(1, 3, 64, dtype=BF16, device="meta"), torch.ones(96, 64, dtype=BF16, device="meta")
     assert products.linear(x, weight).shape == (1, 3, 96)
     assert products.CPU_CHOOSER.times == {}  # no CPU candidate was timed on it
-    assert products.DEVICE_CHOOSERS["meta"].times == {}  # one candidate: nothing timed
+    assert products.DEVICE_CHOOSERS[torch.device("meta")].times == {}  # one candidate: nothing timed
     assert products.chosen_kernel(3, weight) == "F.linear"
-
-
-@pytest.fixture
-def fresh_probes():
-    products.built_in_kernel_agrees.cache_clear()
-    yield
-    products.built_in_kernel_agrees.cache_clear()
 
 
 def test_a_built_in_kernel_is_used_only_where_it_runs_and_agrees(fresh_probes, monkeypatch):
@@ -164,6 +157,26 @@ def test_the_device_candidates_compute_the_dequantized_product(fresh_probes, row
     assert set(chooser.times[products.product_kind(rows, Int8Weight.from_float(matrix))]) == {
         "int8 kernel", "dequantized"}
     assert chooser.chosen[products.product_kind(rows, Int4Weight.from_float(matrix))].name == "dequantized"
+
+
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_where_int4_has_its_built_in_kernel_it_is_the_only_candidate(fresh_probes, emulated_tinygemm, rows):
+    """The CPU standing in for a GPU whose PyTorch has the int4 kernel: the probe passes, the kernel
+    serves every kind untimed, a matrix only multiplied lets go of its codes, a looked-up one keeps them."""
+    from llama_models.llama3.quantize import Int4Weight
+
+    generator = torch.Generator().manual_seed(6)
+    matrix = torch.randn(64, 128, generator=generator).to(BF16)
+    x = torch.randn(rows, 128, generator=generator).to(BF16)
+    chooser = products.KernelChooser(products.DEVICE_KERNELS)
+    for looked_up in (False, True):
+        weight = Int4Weight.from_float(matrix, looked_up=looked_up)
+        expected = F.linear(x.float(), weight.dequantize(F32))
+        for _ in range(2):
+            assert (chooser(x, weight).float() - expected).abs().max() <= 2**-7 * expected.abs().max()
+        assert (weight.codes is not None) == looked_up
+    kind = products.product_kind(rows, weight)
+    assert chooser.chosen[kind].name == "int4 kernel" and kind not in chooser.times
 
 
 def test_a_shape_off_the_built_in_kernels_tiles_is_dequantized(fresh_probes):

@@ -160,7 +160,8 @@ def test_int4_packing_for_cuda_and_mps_gives_the_conversion_high_halves_first(mo
     """torch._convert_weight_to_int4pack (CUDA, MPS; not in a CPU build, so caught here) reads
     column 2k from the high half of byte k: PyTorch's int4mm.cu, matrix_to_m16n8k16_Bint4_layout."""
     given = []
-    monkeypatch.setattr(torch, "_convert_weight_to_int4pack", lambda codes, tiles: given.append((codes, tiles)) or codes)
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack",
+                        lambda codes, tiles: given.append((codes, tiles)) or codes)
     weight = Int4Weight.from_float(torch.randn(32, 128, generator=torch.Generator().manual_seed(0)))
     columns = unpack_codes(weight.codes)  # (32, 128): codes 0..15, column by column
     weight.device_packed()

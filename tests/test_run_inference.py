@@ -332,6 +332,23 @@ def test_sample_with_temperature_zero_or_tiny_top_p_is_greedy(float32_model):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scheme, kernel", [("int8", True), ("int4", False), ("int4", "emulated")])
+def test_the_line_off_the_cpu_names_what_multiplies_quantized_matrices(tiny_checkpoint, request, scheme, kernel):
+    """The CPU stands in for a GPU: its PyTorch has the int8 kernel, and not the int4 one unless a
+    stand-in for CUDA's is patched in."""
+    if kernel == "emulated":
+        request.getfixturevalue("emulated_tinygemm")
+    else:
+        request.getfixturevalue("fresh_probes")
+    model, _ = load_llama(tiny_checkpoint("gqa4"), max_seq_len=16, quantize=scheme)
+    line = run_inference.how_quantized_matrices_multiply(model, scheme, torch.device("cpu"), torch.bfloat16)
+    if kernel:
+        assert line.startswith(f"(on cpu the {scheme} matrices are multiplied by PyTorch's {scheme} kernel")
+        assert ("dequantized where that is faster" in line) == (scheme == "int8")  # int4 lets go of its codes
+    else:
+        assert "dequantized for every product, as this PyTorch has no int4 kernel for torch.bfloat16" in line
+
+
 def test_streaming_prints_multi_byte_characters_whole(tiny_checkpoint, capsys):
     tokenizer = Tokenizer(tiny_checkpoint("gqa4") / "tokenizer.model")
     text = "héllo 🦙"

@@ -62,13 +62,13 @@ beside the time each part of a decode step takes.
 
 Off the CPU (CUDA, MPS: `DEVICE_KERNELS`) a float matrix is multiplied by F.linear, the device's
 own library, and a quantized one by PyTorch's built-in kernel for it where this PyTorch has one
-for the device and the activations' dtype: "int8 kernel" (torch._weight_int8pack_mm, which MPS
-has) and "int4 kernel" (torch._weight_int4pack_mm: CUDA's tinygemm, on GPUs of compute capability
-8.0 or later with bfloat16 activations, and MPS). Which exist is not assumed: each is tried once
-per device, dtype and group size on a small probe matrix, and used only if it gives the
-dequantized product (`built_in_kernel_agrees`). Where it does not, or for int8 as a second
-candidate, "dequantized" converts the matrix back for each product. The timing there waits for
-the device to finish each product.
+for the device and the activations' dtype: "int8 kernel" (torch._weight_int8pack_mm: MPS, and a
+simple one in CUDA builds) and "int4 kernel" (torch._weight_int4pack_mm: CUDA's tinygemm, on GPUs
+of compute capability 8.0 or later with bfloat16 activations, and MPS). Which exist is not
+assumed: each is tried once per device, dtype and group size on a small probe matrix, and used
+only if it gives the dequantized product (`built_in_kernel_agrees`). Where it does not, or for
+int8 as a second candidate, "dequantized" converts the matrix back for each product. The timing
+there waits for the device to finish each product.
 
 A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`
 accepts its weights, so that the same trials pick among them. Attention, the model's other
@@ -85,7 +85,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .quantize import quantized
+from .quantize import INNER_K_TILES, quantized
 
 # "row blocks": weight rows per block. A block of the Llama 3 output layer (128,256 x dim) is 1/8 of it.
 ROW_BLOCK = 16384
@@ -151,7 +151,8 @@ def _row_blocks(x, weight):
 
 
 def _int8_kernel(x, weight):  # x (rows, in) in any float dtype; scales in x's dtype
-    return torch._weight_int8pack_mm(x, weight.values, weight.scales.to(x.dtype))
+    # .contiguous(): free where x is, and CUDA's kernel reads x as if it were without checking
+    return torch._weight_int8pack_mm(x.contiguous(), weight.values, weight.scales.to(x.dtype))
 
 
 def _int4_kernel(x, weight):
@@ -161,7 +162,8 @@ def _int4_kernel(x, weight):
 
 def _built_in_int4_kernel(x, weight):  # off the CPU: CUDA's tinygemm, MPS
     packed = weight.device_packed()  # made on the first product
-    return torch._weight_int4pack_mm(x, packed, weight.group_size, weight.scales_and_zeros.to(x.dtype))
+    scales_and_zeros = weight.scales_and_zeros.to(x.dtype)
+    return torch._weight_int4pack_mm(x.contiguous(), packed, weight.group_size, scales_and_zeros)
 
 
 def _fbgemm_float16(x, weight):
@@ -210,10 +212,13 @@ def _is_dequantizable_prompt(x, weight):
 
 
 # The built-in kernels' tiles: MPS's int8 kernel takes multiples of 32 rows and inputs, tinygemm
-# multiples of 8 rows and of INNER_K_TILES x 16 inputs (quantize.py packs with INNER_K_TILES = 8).
-BUILT_IN_ROW_MULTIPLE, BUILT_IN_INPUT_MULTIPLE = 32, 128
+# multiples of 8 rows and of 16 x INNER_K_TILES inputs (a Llama's widths are multiples of both).
+BUILT_IN_ROW_MULTIPLE, BUILT_IN_INPUT_MULTIPLE = 32, 16 * INNER_K_TILES
 PROBE_SHAPE = (64, 256)  # (out, in) of the matrix each built-in kernel is first tried on
-PROBE_TOLERANCE = 0.02  # of the largest result: activations rounded to bfloat16 move it by 0.4%
+PROBE_ROWS = (3, 32)  # a few rows and many: MPS's int8 kernel is another below 12 rows than above
+# Of the largest result. A kernel may round its weights or its result to the activations' dtype
+# (bfloat16: a relative 2^-8 each); a layout other than the kernel's gives other numbers altogether.
+PROBE_TOLERANCE = 0.02
 
 
 def built_in_kernel_serves(weight, dtype: torch.dtype) -> bool:
@@ -233,16 +238,21 @@ def built_in_kernel_agrees(device: torch.device, scheme: str, dtype: torch.dtype
     """Whether PyTorch's built-in `scheme` kernel runs on `device` for activations in `dtype` and
     gives the dequantized product of a random probe matrix: False where this PyTorch has no such
     kernel for the device (or the GPU), or where its layout is not the one we pack."""
+    if device.type == "meta":  # shapes without numbers: nothing to compare
+        return False
     generator = torch.Generator().manual_seed(0)
-    matrix, x = torch.randn(PROBE_SHAPE, generator=generator), torch.randn(3, PROBE_SHAPE[1], generator=generator)
+    matrix, x = torch.randn(PROBE_SHAPE, generator=generator), torch.randn(max(PROBE_ROWS), PROBE_SHAPE[1],
+                                                                           generator=generator)
+    kernel = _int8_kernel if scheme == "int8" else _built_in_int4_kernel
     try:
         weight = quantized(matrix.to(device, dtype), scheme, group_size)  # int8 has no groups: it ignores the size
-        x = x.to(device, dtype)  # (3, in)
+        x = x.to(device, dtype)  # (32, in)
         expected = F.linear(x.float(), weight.dequantize(torch.float32))  # before int4's packing lets go of its codes
-        result = (_int8_kernel if scheme == "int8" else _built_in_int4_kernel)(x, weight).float()
-        return bool(((result - expected).abs().max() <= PROBE_TOLERANCE * expected.abs().max()).item())
-    except Exception:  # of any kind: no such kernel here, not for this dtype or GPU, or no numbers (meta)
+        results = [kernel(x[:rows], weight).float() for rows in PROBE_ROWS]
+    except (RuntimeError, NotImplementedError, TypeError):  # no such kernel here, or not for this dtype or GPU
         return False
+    limit = PROBE_TOLERANCE * expected.abs().max()
+    return all(((result - expected[: len(result)]).abs().max() <= limit).item() for result in results)
 
 
 def _is_dequantized_off_the_cpu(x, weight):
@@ -343,7 +353,7 @@ class KernelChooser:
 
 
 CPU_CHOOSER = KernelChooser(CPU_KERNELS)
-DEVICE_CHOOSERS = {}  # device type ("cuda", "mps") -> its KernelChooser of DEVICE_KERNELS
+DEVICE_CHOOSERS = {}  # device ("cuda:0", "mps:0") -> its KernelChooser of DEVICE_KERNELS
 
 
 def synchronized_clock(device: torch.device) -> Callable[[], float]:
@@ -362,9 +372,9 @@ def synchronized_clock(device: torch.device) -> Callable[[], float]:
 def chooser_for(device: torch.device) -> KernelChooser:
     if device.type == "cpu":
         return CPU_CHOOSER
-    if device.type not in DEVICE_CHOOSERS:
-        DEVICE_CHOOSERS[device.type] = KernelChooser(DEVICE_KERNELS, clock=synchronized_clock(device))
-    return DEVICE_CHOOSERS[device.type]
+    if device not in DEVICE_CHOOSERS:  # a choice per device: two GPUs of a process may have different kernels
+        DEVICE_CHOOSERS[device] = KernelChooser(DEVICE_KERNELS, clock=synchronized_clock(device))
+    return DEVICE_CHOOSERS[device]
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
