@@ -13,8 +13,10 @@ BF16, F32 = torch.bfloat16, torch.float32
 
 @pytest.fixture
 def small_row_blocks(monkeypatch):
-    """A ROW_BLOCK small enough that the tests' matrices are cut into blocks."""
+    """ROW_BLOCK and FLOAT32_BLOCK_BYTES small enough that the tests' matrices are cut into blocks
+    (96 rows of 64 inputs: 6 of 16 rows, and 40, 40 and a shorter last one of 16 in float32)."""
     monkeypatch.setattr(products, "ROW_BLOCK", 16)
+    monkeypatch.setattr(products, "FLOAT32_BLOCK_BYTES", 40 * 64 * 4)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 40])  # a decode step, beams, a prompt
@@ -34,6 +36,26 @@ def test_every_candidate_gives_f_linear_result(small_row_blocks, rows, dtype):
         assert (y.double() - expected).abs().max().item() <= tolerance * scale, kernel.name
 
 
+@pytest.mark.parametrize("rows", [1, 4, 40])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_every_candidate_for_a_quantized_matrix_gives_its_dequantized_product(small_row_blocks, rows, scheme):
+    """Its kernel, and for a prompt the matrix dequantized whole or block by block (int4 keeps its
+    codes for that only where it is looked up too, as a tied embedding is)."""
+    from llama_models.llama3.quantize import Int4Weight, Int8Weight
+
+    generator = torch.Generator().manual_seed(7)
+    matrix = torch.randn(96, 64, generator=generator).to(BF16)  # (out, in): blocks of 40, 40 and 16 rows
+    weight = Int8Weight.from_float(matrix) if scheme == "int8" else Int4Weight.from_float(matrix, looked_up=True)
+    x = torch.randn(rows, 64, generator=generator).to(BF16)
+    expected = F.linear(x.double(), weight.dequantize(F32).double())
+    candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(x, weight)]
+    assert len(candidates) == (4 if rows == 40 else 1)
+    for kernel in candidates:
+        y = kernel.compute(x, weight)
+        assert y.shape == (rows, 96) and y.dtype == BF16, kernel.name
+        assert (y.double() - expected).abs().max().item() <= 2**-7 * expected.abs().max().item(), kernel.name
+
+
 def test_candidates_that_apply_to_each_kind():
     bf16_matrix, f32_matrix, output_layer = torch.empty(96, 64, dtype=BF16), torch.empty(96, 64), torch.empty(
         4 * products.ROW_BLOCK, 8, dtype=BF16)
@@ -43,8 +65,9 @@ def test_candidates_that_apply_to_each_kind():
         return {kernel.name for kernel in products.CPU_KERNELS if kernel.applies(x, weight)}
 
     assert names(1, bf16_matrix) == {"F.linear", "torch.mv", "F.linear, oneDNN off", "torch.mv, oneDNN off"}
-    assert names(4, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off"}
-    assert names(40, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 copy"}
+    assert names(4, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 blocks"}
+    assert names(40, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 copy",
+                                      "float32 blocks"}
     assert names(40, f32_matrix) == {"F.linear", "weight @ x.T"}
     assert "row blocks" in names(1, output_layer)
 

@@ -26,6 +26,11 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
 - "float32 copy" (bfloat16, 9 rows or more): convert this one matrix to float32 for the duration of
   the product, then multiply in float32. It pays where the CPU has no bfloat16 arithmetic and
   converts every element on the fly in every product; it is never a second resident copy.
+- "float32 blocks" (bfloat16 for 2 rows or more, quantized matrices for 9 or more): the same in
+  blocks of FLOAT32_BLOCK_BYTES, each block of weight rows converted (or dequantized) into one
+  reused float32 scratch and multiplied weight-first. A block stays in the CPU's cache between its
+  conversion and its product, and no fresh memory is touched: a whole float32 copy is new pages
+  for the operating system to zero and map, every time.
 - "row blocks" (matrices of at least 4 x ROW_BLOCK rows, the output layer): the product in blocks
   of ROW_BLOCK weight rows, each written into its slice of the result, for kernels that slow down
   on one very large operand.
@@ -91,6 +96,7 @@ from .quantize import INNER_K_TILES, quantized
 ROW_BLOCK = 16384
 # Products of fewer rows would spend more on converting the weight to float32 than they could save.
 MIN_ROWS_FOR_FLOAT32_COPY = 9
+FLOAT32_BLOCK_BYTES = 8 * 2**20  # "float32 blocks": one block's float32 scratch, a cache's size
 TRIALS = 3  # timed products per candidate and kind
 DROP_FACTOR = 2  # a candidate this many times slower than the fastest trial so far is tried no more
 
@@ -140,6 +146,22 @@ def _without_onednn(product):
 def _float32_copy(x, weight):
     # .float() of one matrix, freed when the product returns: never a second resident copy.
     return F.linear(x.float(), weight.float()).to(x.dtype)
+
+
+def _float32_blocks(x, weight):
+    block = max(1, FLOAT32_BLOCK_BYTES // (4 * weight.shape[1]))  # weight rows per block
+    scratch = x.new_empty(min(block, weight.shape[0]), weight.shape[1], dtype=torch.float32)  # (block, in), reused
+    columns = x.float().T  # (in, rows): a transposed view, which the float32 product takes as it is
+    out = x.new_empty(weight.shape[0], x.shape[0], dtype=torch.float32)  # (out, rows)
+    for start in range(0, weight.shape[0], block):
+        rows = slice(start, start + block)
+        converted = scratch[: out[rows].shape[0]]  # the last block may be shorter
+        if isinstance(weight, torch.Tensor):
+            converted.copy_(weight[rows])
+        else:
+            weight.float32_rows(rows, converted)
+        torch.mm(converted, columns, out=out[rows])
+    return x.new_empty(x.shape[0], weight.shape[0]).copy_(out.T)  # (rows, out), rounded once
 
 
 def _row_blocks(x, weight):
@@ -270,6 +292,8 @@ CPU_KERNELS = (
            lambda x, weight: x.shape[0] == 1 and _is_bfloat16(x, weight)),
     Kernel("float32 copy", _float32_copy,
            lambda x, weight: _is_prompt(x, weight) and _is_bfloat16(x, weight)),
+    Kernel("float32 blocks", _float32_blocks, lambda x, weight: (x.shape[0] > 1 and _is_bfloat16(x, weight))
+           or _is_dequantizable_prompt(x, weight)),
     Kernel("row blocks", _row_blocks,
            lambda x, weight: _is_plain(x, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
     Kernel("int8 kernel", _int8_kernel, _is_int8),

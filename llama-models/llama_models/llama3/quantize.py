@@ -100,6 +100,12 @@ class QuantizedWeight(nn.Module):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # ids (...) -> (..., in)
         raise NotImplementedError
 
+    def float32_rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """The weights of len(out) rows from rows.start, in float32, written into out (len(out), in):
+        products.py's "float32 blocks" fills one scratch block by block."""
+        ids = torch.arange(rows.start, rows.start + out.shape[0], device=self.device)
+        return out.copy_(self.rows(ids, torch.float32))
+
 
 class Int8Weight(QuantizedWeight):
     """values (out, in) int8 and scales (out,): w[i, j] ~ values[i, j] * scales[i]."""
@@ -130,6 +136,9 @@ class Int8Weight(QuantizedWeight):
 
     def rows(self, ids, dtype):
         return self.values[ids].to(dtype) * self.scales[ids, None].to(dtype)
+
+    def float32_rows(self, rows, out):  # in place: no temporaries
+        return out.copy_(self.values[rows]).mul_(self.scales[rows, None])
 
 
 class Int4Weight(QuantizedWeight):
