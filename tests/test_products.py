@@ -37,19 +37,20 @@ def test_every_candidate_gives_f_linear_result(small_row_blocks, rows, dtype):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 40])
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4 looked up", "int4"])
 def test_every_candidate_for_a_quantized_matrix_gives_its_dequantized_product(small_row_blocks, rows, scheme):
-    """Its kernel, and for a prompt the matrix dequantized whole or block by block (int4 keeps its
-    codes for that only where it is looked up too, as a tied embedding is)."""
+    """Its kernel, and for a prompt the matrix dequantized whole or block by block; int4 keeps its
+    codes for that only where it is looked up too (a tied embedding), else its kernel is all it has."""
     from llama_models.llama3.quantize import Int4Weight, Int8Weight
 
     generator = torch.Generator().manual_seed(7)
     matrix = torch.randn(96, 64, generator=generator).to(BF16)  # (out, in): blocks of 40, 40 and 16 rows
-    weight = Int8Weight.from_float(matrix) if scheme == "int8" else Int4Weight.from_float(matrix, looked_up=True)
+    weight = (Int8Weight.from_float(matrix) if scheme == "int8"
+              else Int4Weight.from_float(matrix, looked_up=scheme == "int4 looked up"))
     x = torch.randn(rows, 64, generator=generator).to(BF16)
-    expected = F.linear(x.double(), weight.dequantize(F32).double())
+    expected = F.linear(x.double(), weight.dequantize(F32).double())  # before packing lets go of int4's codes
     candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(x, weight)]
-    assert len(candidates) == (4 if rows == 40 else 1)
+    assert len(candidates) == (4 if rows == 40 and scheme != "int4" else 1)
     for kernel in candidates:
         y = kernel.compute(x, weight)
         assert y.shape == (rows, 96) and y.dtype == BF16, kernel.name

@@ -26,11 +26,13 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
 - "float32 copy" (bfloat16, 9 rows or more): convert this one matrix to float32 for the duration of
   the product, then multiply in float32. It pays where the CPU has no bfloat16 arithmetic and
   converts every element on the fly in every product; it is never a second resident copy.
-- "float32 blocks" (bfloat16 for 2 rows or more, quantized matrices for 9 or more): the same in
-  blocks of FLOAT32_BLOCK_BYTES, each block of weight rows converted (or dequantized) into one
-  reused float32 scratch and multiplied weight-first. A block stays in the CPU's cache between its
-  conversion and its product, and no fresh memory is touched: a whole float32 copy is new pages
-  for the operating system to zero and map, every time.
+- "float32 blocks" (bfloat16 for 2 rows or more; for 9 or more, int8 matrices and int4 ones that
+  keep their codes): the same in blocks of FLOAT32_BLOCK_BYTES, each block of weight rows
+  converted (or dequantized) into a float32 scratch and multiplied weight-first, so that a block
+  is multiplied while it is still in the CPU's cache. The scratch is small enough that the memory
+  allocator hands the same memory back at every product (glibc keeps blocks under its mmap
+  threshold, at most 32 MiB, in its heap), where a whole float32 copy is fresh pages for the
+  operating system to zero and map each time.
 - "row blocks" (matrices of at least 4 x ROW_BLOCK rows, the output layer): the product in blocks
   of ROW_BLOCK weight rows, each written into its slice of the result, for kernels that slow down
   on one very large operand.
@@ -96,7 +98,9 @@ from .quantize import INNER_K_TILES, quantized
 ROW_BLOCK = 16384
 # Products of fewer rows would spend more on converting the weight to float32 than they could save.
 MIN_ROWS_FOR_FLOAT32_COPY = 9
-FLOAT32_BLOCK_BYTES = 8 * 2**20  # "float32 blocks": one block's float32 scratch, a cache's size
+# "float32 blocks": one block's float32 scratch, small next to the size of a CPU's last-level cache
+# (several MiB), so that a block converted is still there when it is multiplied.
+FLOAT32_BLOCK_BYTES = 8 * 2**20
 TRIALS = 3  # timed products per candidate and kind
 DROP_FACTOR = 2  # a candidate this many times slower than the fastest trial so far is tried no more
 
@@ -149,19 +153,21 @@ def _float32_copy(x, weight):
 
 
 def _float32_blocks(x, weight):
+    n = weight.shape[0]
     block = max(1, FLOAT32_BLOCK_BYTES // (4 * weight.shape[1]))  # weight rows per block
-    scratch = x.new_empty(min(block, weight.shape[0]), weight.shape[1], dtype=torch.float32)  # (block, in), reused
+    scratch = x.new_empty(min(block, n), weight.shape[1], dtype=torch.float32)  # (block, in)
+    part = x.new_empty(min(block, n), x.shape[0], dtype=torch.float32)  # (block, rows)
     columns = x.float().T  # (in, rows): a transposed view, which the float32 product takes as it is
-    out = x.new_empty(weight.shape[0], x.shape[0], dtype=torch.float32)  # (out, rows)
-    for start in range(0, weight.shape[0], block):
-        rows = slice(start, start + block)
-        converted = scratch[: out[rows].shape[0]]  # the last block may be shorter
+    y = x.new_empty(x.shape[0], n)  # (rows, out)
+    for start in range(0, n, block):
+        size = min(block, n - start)  # the last block may be shorter
         if isinstance(weight, torch.Tensor):
-            converted.copy_(weight[rows])
+            scratch[:size].copy_(weight[start : start + size])
         else:
-            weight.float32_rows(rows, converted)
-        torch.mm(converted, columns, out=out[rows])
-    return x.new_empty(x.shape[0], weight.shape[0]).copy_(out.T)  # (rows, out), rounded once
+            weight.float32_rows(start, scratch[:size])
+        torch.mm(scratch[:size], columns, out=part[:size])
+        y[:, start : start + size].copy_(part[:size].T)  # rounded once, to x's dtype
+    return y
 
 
 def _row_blocks(x, weight):
@@ -233,6 +239,10 @@ def _is_dequantizable_prompt(x, weight):
     return _is_prompt(x, weight) and not _is_plain(x, weight) and weight.can_dequantize
 
 
+def _is_float32_block_product(x, weight):
+    return (x.shape[0] > 1 and _is_bfloat16(x, weight)) or _is_dequantizable_prompt(x, weight)
+
+
 # The built-in kernels' tiles: MPS's int8 kernel takes multiples of 32 rows and inputs, tinygemm
 # multiples of 8 rows and of 16 x INNER_K_TILES inputs (a Llama's widths are multiples of both).
 BUILT_IN_ROW_MULTIPLE, BUILT_IN_INPUT_MULTIPLE = 32, 16 * INNER_K_TILES
@@ -292,8 +302,7 @@ CPU_KERNELS = (
            lambda x, weight: x.shape[0] == 1 and _is_bfloat16(x, weight)),
     Kernel("float32 copy", _float32_copy,
            lambda x, weight: _is_prompt(x, weight) and _is_bfloat16(x, weight)),
-    Kernel("float32 blocks", _float32_blocks, lambda x, weight: (x.shape[0] > 1 and _is_bfloat16(x, weight))
-           or _is_dequantizable_prompt(x, weight)),
+    Kernel("float32 blocks", _float32_blocks, _is_float32_block_product),
     Kernel("row blocks", _row_blocks,
            lambda x, weight: _is_plain(x, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
     Kernel("int8 kernel", _int8_kernel, _is_int8),

@@ -100,11 +100,10 @@ class QuantizedWeight(nn.Module):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # ids (...) -> (..., in)
         raise NotImplementedError
 
-    def float32_rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
-        """The weights of len(out) rows from rows.start, in float32, written into out (len(out), in):
-        products.py's "float32 blocks" fills one scratch block by block."""
-        ids = torch.arange(rows.start, rows.start + out.shape[0], device=self.device)
-        return out.copy_(self.rows(ids, torch.float32))
+    def float32_rows(self, start: int, out: torch.Tensor) -> None:
+        """Rows start, start + 1, ... of the weights, as many as out (rows, in) float32 holds, written
+        into it in place: products.py's "float32 blocks" fills its scratch block by block."""
+        raise NotImplementedError
 
 
 class Int8Weight(QuantizedWeight):
@@ -137,8 +136,9 @@ class Int8Weight(QuantizedWeight):
     def rows(self, ids, dtype):
         return self.values[ids].to(dtype) * self.scales[ids, None].to(dtype)
 
-    def float32_rows(self, rows, out):  # in place: no temporaries
-        return out.copy_(self.values[rows]).mul_(self.scales[rows, None])
+    def float32_rows(self, start, out):
+        rows = slice(start, start + out.shape[0])
+        out.copy_(self.values[rows]).mul_(self.scales[rows, None])  # exact: q * scale fits a float32
 
 
 class Int4Weight(QuantizedWeight):
@@ -188,8 +188,8 @@ class Int4Weight(QuantizedWeight):
                    torch.empty(width // group_size, out, 2, dtype=dtype, device="meta"), group_size, looked_up)
 
     @property
-    def can_dequantize(self) -> bool:
-        return self.codes is not None
+    def can_dequantize(self) -> bool:  # a matrix only multiplied lets go of its codes when it is packed
+        return self.looked_up
 
     @property
     def bytes_per_product(self) -> int:  # a tied matrix keeps its codes for lookups, which products skip
@@ -207,6 +207,15 @@ class Int4Weight(QuantizedWeight):
     def _only_packed(self) -> LlamaError:
         return LlamaError(f"this int4 matrix was packed for the {self.packed.device.type} kernel and kept only that "
                           "layout: load the model on the device it runs on (load_llama(..., device=...))")
+
+    def float32_rows(self, start, out):  # as `rows` computes them, with no block-sized temporaries
+        codes = self.codes[start : start + out.shape[0]]  # (rows, in / 2)
+        pairs = out.view(out.shape[0], -1, 2)  # (rows, in / 2, 2): columns 2k and 2k + 1
+        pairs[..., 0].copy_(codes & 15)
+        pairs[..., 1].copy_(codes >> 4)
+        scale_and_zero = self.scales_and_zeros[:, start : start + out.shape[0]].transpose(0, 1)  # (rows, groups, 2)
+        grouped = out.view(out.shape[0], -1, self.group_size)  # (rows, groups, group_size)
+        grouped.sub_(8).mul_(scale_and_zero[..., :1]).add_(scale_and_zero[..., 1:])
 
     def cpu_packed(self, shard_paths: list = ()) -> torch.Tensor:
         """The codes in the CPU kernel's layout, made on first use. A matrix not `looked_up` then
