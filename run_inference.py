@@ -314,7 +314,8 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # faster than the memory delivers; where it does not, the arithmetic sets the pace (README,
 # "Measured": on a 2-core AVX2 EPYC int4 decoded slower than int8). For a prompt of many rows every
 # weight is used many times, the conversion is repeated for each, and the time is arithmetic: there
-# converting an int8 matrix back once ("dequantized", for the length of one product) can be faster.
+# converting an int8 matrix back once ("dequantized", for the length of one product, whole or a
+# block of rows at a time) can be faster.
 # products.py times the candidates on the first products of each kind and keeps the fastest.
 #
 # llama_models/llama3/quantize.py quantizes each matrix as it is loaded, frees the bfloat16 original,
