@@ -14,7 +14,7 @@ BF16, F32 = torch.bfloat16, torch.float32
 @pytest.fixture
 def small_row_blocks(monkeypatch):
     """ROW_BLOCK and FLOAT32_BLOCK_BYTES small enough that the tests' matrices are cut into blocks
-    (96 rows of 64 inputs: 6 of 16 rows, and 40, 40 and a shorter last one of 16 in float32)."""
+    (96 rows of 64 inputs: 6 of 16 rows, and in float32 one of 64 rows, the fewest, and a shorter one)."""
     monkeypatch.setattr(products, "ROW_BLOCK", 16)
     monkeypatch.setattr(products, "FLOAT32_BLOCK_BYTES", 40 * 64 * 4)
 
@@ -39,19 +39,20 @@ def test_every_candidate_gives_f_linear_result(small_row_blocks, rows, dtype):
 @pytest.mark.parametrize("rows", [1, 4, 40])
 @pytest.mark.parametrize("scheme", ["int8", "int4 looked up", "int4"])
 def test_every_candidate_for_a_quantized_matrix_gives_its_dequantized_product(small_row_blocks, rows, scheme):
-    """Its kernel, and for a prompt the matrix dequantized whole or block by block; int4 keeps its
-    codes for that only where it is looked up too (a tied embedding), else its kernel is all it has."""
+    """Its kernel, and for a prompt the matrix dequantized whole or block by block: int4 from its
+    codes, and once its kernel has packed it (letting go of them unless it is looked up, as a tied
+    embedding is) from that packing, where quantize.py knows its layout; else its kernel is all."""
     from llama_models.llama3.quantize import Int4Weight, Int8Weight
 
     generator = torch.Generator().manual_seed(7)
-    matrix = torch.randn(96, 64, generator=generator).to(BF16)  # (out, in): blocks of 40, 40 and 16 rows
+    matrix = torch.randn(96, 64, generator=generator).to(BF16)  # (out, in): float32 blocks of 64 and 32 rows
     weight = (Int8Weight.from_float(matrix) if scheme == "int8"
               else Int4Weight.from_float(matrix, looked_up=scheme == "int4 looked up"))
     x = torch.randn(rows, 64, generator=generator).to(BF16)
     expected = F.linear(x.double(), weight.dequantize(F32).double())  # before packing lets go of int4's codes
     candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(x, weight)]
-    assert len(candidates) == (4 if rows == 40 and scheme != "int4" else 1)
-    for kernel in candidates:
+    assert len(candidates) == (4 if rows == 40 and weight.can_dequantize else 1)
+    for kernel in candidates + candidates:  # int4: from its codes, then from the packing its kernel made
         y = kernel.compute(x, weight)
         assert y.shape == (rows, 96) and y.dtype == BF16, kernel.name
         assert (y.double() - expected).abs().max().item() <= 2**-7 * expected.abs().max().item(), kernel.name

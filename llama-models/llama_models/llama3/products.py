@@ -26,8 +26,8 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
 - "float32 copy" (bfloat16, 9 rows or more): convert this one matrix to float32 for the duration of
   the product, then multiply in float32. It pays where the CPU has no bfloat16 arithmetic and
   converts every element on the fly in every product; it is never a second resident copy.
-- "float32 blocks" (bfloat16 for 2 rows or more; for 9 or more, int8 matrices and int4 ones that
-  keep their codes): the same in blocks of FLOAT32_BLOCK_BYTES, each block of weight rows
+- "float32 blocks" (bfloat16 for 2 rows or more; for 9 or more, quantized matrices that can be
+  dequantized): the same in blocks of FLOAT32_BLOCK_BYTES, each block of weight rows
   converted (or dequantized) into a float32 scratch and multiplied weight-first, so that a block
   is multiplied while it is still in the CPU's cache. The scratch is small enough that the memory
   allocator hands the same memory back at every product (glibc keeps blocks under its mmap
@@ -38,9 +38,9 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
   on one very large operand.
 - Quantized weights (quantize.py): "int8 kernel" (torch._weight_int8pack_mm) and "int4 kernel"
   (torch._weight_int4pack_mm_for_cpu), which convert the small numbers as they multiply, and for
-  9 rows or more "dequantized" and "dequantized to float32" (int8, and an int4 matrix that keeps its
-  codes, which on the CPU only a tied embedding does): the matrix converted back once for
-  the product, which pays where a prompt would repeat the conversion for every row. A matrix packed
+  9 rows or more "dequantized" and "dequantized to float32": the matrix converted back once for
+  the product (int4 from its codes, or from the kernel's packing where quantize.py knows its
+  layout), which pays where a prompt would repeat the conversion for every row. A matrix packed
   for fbgemm (quantize.py's "fp16") has "fbgemm fp16": float32 rows times its float16 weights.
 
 Rounding: every candidate multiplies the stored numbers exactly and adds in float32; a bfloat16
@@ -154,7 +154,8 @@ def _float32_copy(x, weight):
 
 def _float32_blocks(x, weight):
     n = weight.shape[0]
-    block = max(1, FLOAT32_BLOCK_BYTES // (4 * weight.shape[1]))  # weight rows per block
+    # Weight rows per block, a multiple of 64: no block splits the CPU int4 kernel's groups of rows.
+    block = max(64, FLOAT32_BLOCK_BYTES // (4 * weight.shape[1]) // 64 * 64)
     scratch = x.new_empty(min(block, n), weight.shape[1], dtype=torch.float32)  # (block, in)
     part = x.new_empty(min(block, n), x.shape[0], dtype=torch.float32)  # (block, rows)
     columns = x.float().T  # (in, rows): a transposed view, which the float32 product takes as it is

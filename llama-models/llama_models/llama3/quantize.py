@@ -188,17 +188,21 @@ class Int4Weight(QuantizedWeight):
                    torch.empty(width // group_size, out, 2, dtype=dtype, device="meta"), group_size, looked_up)
 
     @property
-    def can_dequantize(self) -> bool:  # a matrix only multiplied lets go of its codes when it is packed
-        return self.looked_up
+    def can_dequantize(self) -> bool:
+        """Whether products on the CPU can have its weights back: from its codes, which a matrix looked
+        up keeps, or from the CPU kernel's packing where `cpu_int4_layout` knows that layout."""
+        layout = cpu_int4_layout()
+        return self.looked_up or (layout is not None and self.shape[0] % layout[0] == 0)
 
     @property
     def bytes_per_product(self) -> int:  # a tied matrix keeps its codes for lookups, which products skip
         return self.nbytes if self.packed is None else self.packed.nbytes + self.scales_and_zeros.nbytes
 
     def rows(self, ids, dtype):
-        if self.codes is None:
-            raise self._only_packed()
-        q = unpack_codes(self.codes[ids], dtype)  # (..., in)
+        if self.codes is not None:
+            q = unpack_codes(self.codes[ids], dtype)  # (..., in)
+        else:
+            q = self._code_values(slice(0, self.shape[0]))[ids].to(dtype)
         scale, zero = self.scales_and_zeros[:, ids, 0], self.scales_and_zeros[:, ids, 1]  # (groups, ...)
         grouped = q.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         scale, zero = scale.movedim(0, -1)[..., None].to(dtype), zero.movedim(0, -1)[..., None].to(dtype)
@@ -208,11 +212,15 @@ class Int4Weight(QuantizedWeight):
         return LlamaError(f"this int4 matrix was packed for the {self.packed.device.type} kernel and kept only that "
                           "layout: load the model on the device it runs on (load_llama(..., device=...))")
 
-    def float32_rows(self, start, out):  # as `rows` computes them, with no block-sized temporaries
-        codes = self.codes[start : start + out.shape[0]]  # (rows, in / 2)
-        pairs = out.view(out.shape[0], -1, 2)  # (rows, in / 2, 2): columns 2k and 2k + 1
-        pairs[..., 0].copy_(codes & 15)
-        pairs[..., 1].copy_(codes >> 4)
+    def _code_values(self, rows: slice) -> torch.Tensor:  # (rows, in) codes 0..15, uint8
+        if self.codes is not None:
+            return unpack_codes(self.codes[rows])
+        if self.packed.device.type != "cpu" or not self.can_dequantize:
+            raise self._only_packed()
+        return unpack_int4_rows(self.packed[rows], *cpu_int4_layout())
+
+    def float32_rows(self, start, out):  # as `rows` computes them, with no float-sized temporaries
+        out.copy_(self._code_values(slice(start, start + out.shape[0])))
         scale_and_zero = self.scales_and_zeros[:, start : start + out.shape[0]].transpose(0, 1)  # (rows, groups, 2)
         grouped = out.view(out.shape[0], -1, self.group_size)  # (rows, groups, group_size)
         grouped.sub_(8).mul_(scale_and_zero[..., :1]).add_(scale_and_zero[..., 1:])
@@ -286,6 +294,17 @@ def pack_int4_rows(codes: torch.Tensor, block: int, pairing: str) -> torch.Tenso
     low, high = (q[:, : block // 2], q[:, block // 2 :]) if pairing == "halves" else (q[:, 0::2], q[:, 1::2])
     packed = (high << 4).bitwise_or_(low)  # (blocks, block / 2, in)
     return packed.transpose(1, 2).reshape(n, half)  # (blocks, in, block / 2): input by input
+
+
+def unpack_int4_rows(packed: torch.Tensor, block: int, pairing: str) -> torch.Tensor:
+    """pack_int4_rows undone: (n, in / 2) bytes in the kernel's layout -> (n, in) codes 0..15."""
+    n, half = packed.shape
+    bytes_ = packed.view(n // block, 2 * half, block // 2).transpose(1, 2)  # (blocks, block / 2, in)
+    q = torch.empty(n // block, block, 2 * half, dtype=torch.uint8)  # (blocks, rows of a block, in)
+    low, high = (q[:, : block // 2], q[:, block // 2 :]) if pairing == "halves" else (q[:, 0::2], q[:, 1::2])
+    low.copy_(bytes_ & 15)
+    high.copy_(bytes_ >> 4)
+    return q.view(n, 2 * half)
 
 
 @functools.cache
