@@ -39,9 +39,10 @@ def test_every_candidate_gives_f_linear_result(small_row_blocks, rows, dtype):
 @pytest.mark.parametrize("rows", [1, 4, 40])
 @pytest.mark.parametrize("scheme", ["int8", "int4 looked up", "int4"])
 def test_every_candidate_for_a_quantized_matrix_gives_its_dequantized_product(small_row_blocks, rows, scheme):
-    """Its kernel, and for a prompt the matrix dequantized whole or block by block: int4 from its
-    codes, and once its kernel has packed it (letting go of them unless it is looked up, as a tied
-    embedding is) from that packing, where quantize.py knows its layout; else its kernel is all."""
+    """Its kernel, and for a prompt the matrix dequantized whole or block by block. An int4 matrix
+    keeps its codes only where it is looked up too (a tied embedding); else once its kernel has
+    packed it, only "float32 blocks" dequantizes it, from that packing, where quantize.py knows its
+    layout."""
     from llama_models.llama3.quantize import Int4Weight, Int8Weight
 
     generator = torch.Generator().manual_seed(7)
@@ -51,7 +52,9 @@ def test_every_candidate_for_a_quantized_matrix_gives_its_dequantized_product(sm
     x = torch.randn(rows, 64, generator=generator).to(BF16)
     expected = F.linear(x.double(), weight.dequantize(F32).double())  # before packing lets go of int4's codes
     candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(x, weight)]
-    assert len(candidates) == (4 if rows == 40 and weight.can_dequantize else 1)
+    # a prompt: the kernel, "dequantized" whole in bfloat16 and in float32, and "float32 blocks"
+    whole, blocks = weight.can_dequantize, weight.can_dequantize_rows
+    assert len(candidates) == (1 if rows < 40 else 4 if whole else 2 if blocks else 1)
     for kernel in candidates + candidates:  # int4: from its codes, then from the packing its kernel made
         y = kernel.compute(x, weight)
         assert y.shape == (rows, 96) and y.dtype == BF16, kernel.name

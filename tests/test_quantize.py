@@ -120,7 +120,8 @@ def test_int4_keeps_only_the_layouts_its_users_need(tiny_checkpoint):
 @pytest.mark.parametrize("rows", [64, 48, 8192 + 64])
 def test_an_int4_matrix_packed_for_the_cpu_dequantizes_from_its_packing(rows):
     """Where cpu_int4_layout knows the kernel's layout, the packing alone gives the weights back,
-    so a prompt may still dequantize; where rows are not a whole number of its blocks, it cannot."""
+    so a prompt may still dequantize it block by block; where rows are not a whole number of the
+    kernel's blocks, it cannot."""
     from llama_models.llama3.quantize import cpu_int4_layout
 
     weight = Int4Weight.from_float(torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)))
@@ -128,11 +129,11 @@ def test_an_int4_matrix_packed_for_the_cpu_dequantizes_from_its_packing(rows):
     weight.cpu_packed()
     assert weight.codes is None
     if cpu_int4_layout() is None or rows % cpu_int4_layout()[0]:
-        assert not weight.can_dequantize
+        assert not weight.can_dequantize_rows
         with pytest.raises(LlamaError, match="load the model on the device it runs on"):
             weight.dequantize(torch.float32)
     else:
-        assert weight.can_dequantize and torch.equal(weight.dequantize(torch.float32), before)
+        assert weight.can_dequantize_rows and torch.equal(weight.dequantize(torch.float32), before)
         out = torch.empty(64, 128)
         weight.float32_rows(rows - 64, out)
         assert torch.equal(out, before[rows - 64 :])

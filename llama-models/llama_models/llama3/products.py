@@ -38,9 +38,10 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
   on one very large operand.
 - Quantized weights (quantize.py): "int8 kernel" (torch._weight_int8pack_mm) and "int4 kernel"
   (torch._weight_int4pack_mm_for_cpu), which convert the small numbers as they multiply, and for
-  9 rows or more "dequantized" and "dequantized to float32": the matrix converted back once for
-  the product (int4 from its codes, or from the kernel's packing where quantize.py knows its
-  layout), which pays where a prompt would repeat the conversion for every row. A matrix packed
+  9 rows or more "dequantized" and "dequantized to float32" (int8, and an int4 matrix that keeps its
+  codes, which on the CPU only a tied embedding does): the matrix converted back once for the
+  product, which pays where a prompt would repeat the conversion for every row. "float32 blocks"
+  also takes an int4 matrix that kept only the kernel's packing, where quantize.py knows its layout. A matrix packed
   for fbgemm (quantize.py's "fp16") has "fbgemm fp16": float32 rows times its float16 weights.
 
 Rounding: every candidate multiplies the stored numbers exactly and adds in float32; a bfloat16
@@ -98,9 +99,9 @@ from .quantize import INNER_K_TILES, quantized
 ROW_BLOCK = 16384
 # Products of fewer rows would spend more on converting the weight to float32 than they could save.
 MIN_ROWS_FOR_FLOAT32_COPY = 9
-# "float32 blocks": one block's float32 scratch, small next to the size of a CPU's last-level cache
-# (several MiB), so that a block converted is still there when it is multiplied.
-FLOAT32_BLOCK_BYTES = 8 * 2**20
+# "float32 blocks": one block's float32 scratch, no larger than a CPU's last-level cache (several
+# MiB), so that a block converted is still there when it is multiplied.
+FLOAT32_BLOCK_BYTES = 4 * 2**20
 TRIALS = 3  # timed products per candidate and kind
 DROP_FACTOR = 2  # a candidate this many times slower than the fastest trial so far is tried no more
 
@@ -241,7 +242,9 @@ def _is_dequantizable_prompt(x, weight):
 
 
 def _is_float32_block_product(x, weight):
-    return (x.shape[0] > 1 and _is_bfloat16(x, weight)) or _is_dequantizable_prompt(x, weight)
+    if _is_plain(x, weight):
+        return x.shape[0] > 1 and _is_bfloat16(x, weight)
+    return _is_prompt(x, weight) and weight.can_dequantize_rows
 
 
 # The built-in kernels' tiles: MPS's int8 kernel takes multiples of 32 rows and inputs, tinygemm

@@ -92,7 +92,13 @@ class QuantizedWeight(nn.Module):
 
     @property
     def can_dequantize(self) -> bool:
+        """Whether a product may convert the whole matrix back, for its length."""
         return True
+
+    @property
+    def can_dequantize_rows(self) -> bool:
+        """Whether a product may convert it back a block of rows at a time (`float32_rows`)."""
+        return self.can_dequantize
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in)
         return self.rows(torch.arange(self.shape[0], device=self.device), dtype)
@@ -188,9 +194,13 @@ class Int4Weight(QuantizedWeight):
                    torch.empty(width // group_size, out, 2, dtype=dtype, device="meta"), group_size, looked_up)
 
     @property
-    def can_dequantize(self) -> bool:
-        """Whether products on the CPU can have its weights back: from its codes, which a matrix looked
-        up keeps, or from the CPU kernel's packing where `cpu_int4_layout` knows that layout."""
+    def can_dequantize(self) -> bool:  # whole, from the codes that a matrix looked up keeps
+        return self.looked_up
+
+    @property
+    def can_dequantize_rows(self) -> bool:
+        """On the CPU, block by block, also from the kernel's packing where `cpu_int4_layout` knows
+        it: never a whole float copy of a matrix that int4 was chosen to keep small."""
         layout = cpu_int4_layout()
         return self.looked_up or (layout is not None and self.shape[0] % layout[0] == 0)
 
@@ -215,7 +225,7 @@ class Int4Weight(QuantizedWeight):
     def _code_values(self, rows: slice) -> torch.Tensor:  # (rows, in) codes 0..15, uint8
         if self.codes is not None:
             return unpack_codes(self.codes[rows])
-        if self.packed.device.type != "cpu" or not self.can_dequantize:
+        if self.packed.device.type != "cpu" or not self.can_dequantize_rows:
             raise self._only_packed()
         return unpack_int4_rows(self.packed[rows], *cpu_int4_layout())
 
