@@ -41,8 +41,9 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
   9 rows or more "dequantized" and "dequantized to float32" (int8, and an int4 matrix that keeps its
   codes, which on the CPU only a tied embedding does): the matrix converted back once for the
   product, which pays where a prompt would repeat the conversion for every row. "float32 blocks"
-  also takes an int4 matrix that kept only the kernel's packing, where quantize.py knows its layout. A matrix packed
-  for fbgemm (quantize.py's "fp16") has "fbgemm fp16": float32 rows times its float16 weights.
+  also takes an int4 matrix that kept only the kernel's packing, where quantize.py knows its
+  layout. A matrix packed for fbgemm (quantize.py's "fp16") has "fbgemm fp16": float32 rows times
+  its float16 weights.
 
 Rounding: every candidate multiplies the stored numbers exactly and adds in float32; a bfloat16
 result is rounded to bfloat16 once at the end. (A quantized weight dequantized to bfloat16 is the
