@@ -201,8 +201,7 @@ class Int4Weight(QuantizedWeight):
     def can_dequantize_rows(self) -> bool:
         """On the CPU, block by block, also from the kernel's packing where `cpu_int4_layout` knows
         it: never a whole float copy of a matrix that int4 was chosen to keep small."""
-        layout = cpu_int4_layout()
-        return self.looked_up or (layout is not None and self.shape[0] % layout[0] == 0)
+        return self.looked_up or self._reshuffled_layout() is not None
 
     @property
     def bytes_per_product(self) -> int:  # a tied matrix keeps its codes for lookups, which products skip
@@ -227,7 +226,7 @@ class Int4Weight(QuantizedWeight):
             return unpack_codes(self.codes[rows])
         if self.packed.device.type != "cpu" or not self.can_dequantize_rows:
             raise self._only_packed()
-        return unpack_int4_rows(self.packed[rows], *cpu_int4_layout())
+        return unpack_int4_rows(self.packed[rows], *self._reshuffled_layout())
 
     def float32_rows(self, start, out):  # as `rows` computes them, with no float-sized temporaries
         out.copy_(self._code_values(slice(start, start + out.shape[0])))
@@ -235,12 +234,18 @@ class Int4Weight(QuantizedWeight):
         grouped = out.view(out.shape[0], -1, self.group_size)  # (rows, groups, group_size)
         grouped.sub_(8).mul_(scale_and_zero[..., :1]).add_(scale_and_zero[..., 1:])
 
+    def _reshuffled_layout(self) -> Optional[tuple]:
+        """cpu_int4_layout() where this matrix's rows are whole blocks of it, so that pack_int4_rows
+        makes its packing (and unpack_int4_rows undoes it); None where the kernel's conversion must."""
+        layout = cpu_int4_layout()
+        return layout if layout is not None and self.shape[0] % layout[0] == 0 else None
+
     def cpu_packed(self, shard_paths: list = ()) -> torch.Tensor:
         """The codes in the CPU kernel's layout, made on first use. A matrix not `looked_up` then
         lets go of its codes (and their pages of `shard_paths`, if they were read from a file)."""
         if self.packed is None:
-            layout = cpu_int4_layout()
-            if layout is not None and self.shape[0] % layout[0] == 0:
+            layout = self._reshuffled_layout()
+            if layout is not None:
                 pack = lambda rows: pack_int4_rows(self.codes[rows], *layout)  # noqa: E731
             else:  # a last block of fewer rows has a layout of its own: the kernel's conversion makes it
                 pack = lambda rows: torch._convert_weight_to_int4pack_for_cpu(  # noqa: E731
