@@ -3,8 +3,8 @@
 A decode step reads every weight once, so its speed is at most the memory's speed divided by the
 bytes per weight (the kernels' arithmetic can set a lower pace: README, "Measured"): bfloat16 takes
 2 bytes, int8 1 (plus a scale per row), int4 half a byte (plus a scale and a zero point per group
-of 32). The activations stay in the model's dtype; only the stored weights are
-rounded, once, when they are quantized.
+of 32). The activations stay in the model's dtype; only the stored weights are rounded, once, when
+they are quantized.
 
 - "int8", symmetric, one scale per output row: w ~ q * scale, q in -127..127, scale = max|row| / 127.
   A weight moves by half a step, scale / 2, at most (a little more at the row's extremes, since the
