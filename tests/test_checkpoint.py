@@ -238,13 +238,27 @@ GOOD_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_s
 @pytest.mark.parametrize("field, value", [
     ("dim", "128"), ("dim", 128.0), ("dim", True), ("n_heads", 0), ("n_layers", -1), ("n_kv_heads", "2"),
     ("vocab_size", [512]), ("norm_eps", "1e-5"), ("rope_theta", 0), ("ffn_dim_multiplier", "1.5"),
-    ("use_scaled_rope", "false"), ("use_scaled_rope", 1),
+    ("use_scaled_rope", "false"), ("use_scaled_rope", 1), ("ffn_dim_multiplier", float("inf")),
+    ("norm_eps", float("inf")), ("rope_theta", float("nan")),
 ])
 def test_params_of_the_wrong_kind_are_refused_by_name(field, value):
     """A hand-edited params.json: one line naming the field and its value, never a traceback or a
     silent misreading ("false" in quotes is a true value in Python)."""
     with pytest.raises(LlamaError, match=f"^{field} is {re.escape(repr(value))} in params.json"):
         ModelArgs.from_params(GOOD_PARAMS | {field: value})
+
+
+def test_params_whose_model_is_not_an_object_are_refused():
+    """A few files nest the arguments under "model"; there they must be an object too."""
+    with pytest.raises(LlamaError, match=r'^"model" is 5 in params.json'):
+        ModelArgs.from_params({"model": 5})
+
+
+@pytest.mark.parametrize("runtime", [{"max_seq_len": 0}, {"max_batch_size": "2"}])
+def test_a_bad_cache_size_is_blamed_on_the_caller_not_on_params_json(runtime):
+    with pytest.raises(LlamaError, match=f"^{next(iter(runtime))}=.*the KV cache's size") as error:
+        ModelArgs.from_params(GOOD_PARAMS, **runtime)
+    assert "params.json" not in str(error.value)
 
 
 @pytest.mark.parametrize("field", ["dim", "n_layers", "n_heads"])

@@ -20,7 +20,7 @@ import torch
 from checkpoints import folder_snapshot
 from llama_models import quantize as tool
 from llama_models import reshard
-from llama_models.llama3 import LlamaError, load_llama
+from llama_models.llama3 import LlamaError, ModelArgs, load_llama
 from llama_models.llama3.quantize import Int4Weight
 
 SCHEMES = ["int8", "int4"]
@@ -225,6 +225,29 @@ def test_an_interrupted_reshard_leaves_no_folder(tiny_checkpoint, tmp_path, monk
     assert written and "interrupted" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
+def test_a_reshard_killed_outright_leaves_what_the_loader_names_unfinished(tiny_checkpoint, tmp_path, monkeypatch):
+    """SIGKILL cleans nothing up: simulated by a folder context that removes nothing and a second
+    shard that never finishes. The first shard is whole, the second still .partial, params.json
+    not yet written."""
+    import contextlib
+
+    real_write_shard = reshard.write_shard
+
+    def dies_in_the_second_shard(shard_paths, rank, *rest):
+        real_write_shard(shard_paths, rank, *rest)
+        if rank == 1:
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(reshard, "new_folder", lambda dst: contextlib.nullcontext(dst.mkdir()))
+    monkeypatch.setattr(reshard, "write_shard", dies_in_the_second_shard)
+    folder = tmp_path / "mp2"
+    with pytest.raises(SystemExit):
+        reshard.reshard(tiny_checkpoint("gqa4"), folder, 2)
+    assert sorted(path.name for path in folder.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth.partial"]
+    with pytest.raises(LlamaError, match="holds an unfinished copy from llama_models.quantize or reshard"):
+        load_llama(folder, max_seq_len=16)
+
+
 def test_the_tool_runs_as_a_module(tiny_checkpoint, tmp_path):
     finished = subprocess.run([sys.executable, "-m", "llama_models.quantize", str(tiny_checkpoint("gqa4")),
                                str(tmp_path / "int4"), "int4"], capture_output=True, text=True, timeout=120)
@@ -248,12 +271,21 @@ def test_reshard_refuses_a_quantized_folder(quantized, tmp_path):
 
 
 @pytest.mark.parametrize("quantization", [{"scheme": "int3"}, "int8", {"scheme": "int4", "group_size": "32"},
-                                          {"scheme": "int8", "bits": 8}])
+                                          {"scheme": "int8", "bits": 8}, {"scheme": "int4", "group_size": 48},
+                                          {"scheme": "int4", "group_size": 32.0}, {"scheme": "int8", "group_size": 32}])
 def test_an_odd_quantization_in_params_is_one_line(quantized, tmp_path, quantization):
     folder = tmp_path / "edited"
     with_params(quantized("gqa4", "int8"), folder, lambda params: params | {"quantization": quantization})
     with pytest.raises(LlamaError, match="quantization is .* in params.json: llama_models.quantize writes"):
         load_llama(folder, max_seq_len=16)
+
+
+def test_an_int4_folder_without_a_group_size_gets_the_default_once():
+    """Every reader of params.json (the model's matrices, the process counts that fit) finds the same size."""
+    from llama_models.llama3.quantize import GROUP_SIZE
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, quantization={"scheme": "int4"})
+    assert args.quantization == {"scheme": "int4", "group_size": GROUP_SIZE}
 
 
 def test_a_new_name_without_instruct_gets_a_note(tiny_checkpoint, tmp_path, capsys):

@@ -494,6 +494,7 @@ ERROR_CASES = {
     "invalid decoding": ("r.DECODING = 'nucleus'", "nucleus"),
     "text for a number": ("r.MAX_NEW_TOKENS = '10'", "MAX_NEW_TOKENS = '10'"),
     "a word for a switch": ("r.IS_INSTRUCT = 'no'", "IS_INSTRUCT = 'no'"),
+    "a dtype that is not a float": ("r.DTYPE = r.torch.int8", "torch.int8"),
 }
 
 

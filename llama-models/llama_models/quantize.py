@@ -29,7 +29,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no trac
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch  # noqa: E402
 
-from .llama3.args import LlamaError, ModelArgs  # noqa: E402
+from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # noqa: E402
 from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
@@ -185,7 +185,7 @@ def quantize_into(shards: ShardFiles, names: list, matrices: list, scheme: str, 
 
 def write_params(source: Path, destination: Path, scheme: str, group_size: int) -> None:
     params = json.loads(source.read_text())
-    arguments = params.get("model", params)  # a few files nest the arguments under "model"
+    arguments = model_arguments(params)
     arguments["quantization"] = {"scheme": scheme, "group_size": group_size} if scheme == "int4" else {"scheme": scheme}
     destination.write_text(json.dumps(params))
 
@@ -225,7 +225,7 @@ def main(argv: list = None) -> int:
         fail(str(error))
         return 2
     except (OSError, RuntimeError, MemoryError) as error:  # a folder we may not write to, a full disk, no memory
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         fail(f"quantizing into {options.dst} failed ({reason}); nothing was left there: check that the folder can "
              "be created there, free some disk space or memory, and run again")
         return 2

@@ -32,7 +32,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no trac
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch  # noqa: E402
 
-from .llama3.args import LlamaError, ModelArgs  # noqa: E402
+from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # noqa: E402
 from .llama3.checkpoint import find_checkpoint_files  # noqa: E402
 from .llama3.sharding import (  # noqa: E402
     KV_WEIGHTS,
@@ -66,12 +66,14 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
     with new_folder(dst):
         for rank in range(n_shards):
             path = dst / f"consolidated.{rank:02d}.pth"
-            write_shard(files.shards, rank, n_shards, loaded_args, copies_to_drop, path)
+            partial = path.with_name(path.name + ".partial")  # what a kill beyond cleaning up leaves says so
+            write_shard(files.shards, rank, n_shards, loaded_args, copies_to_drop, partial)
+            os.replace(partial, path)
             print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+        shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
         # Written last: a run killed beyond cleaning up (SIGKILL, a power cut) leaves a folder the
         # loader refuses as incomplete.
         write_params(files.params, dst / "params.json", args, written_kv_heads)
-        shutil.copyfile(files.tokenizer, dst / "tokenizer.model")
 
 
 # Writing a new folder: an error, a full disk, Ctrl-C, `kill` (SIGTERM) or a closed terminal (SIGHUP)
@@ -236,7 +238,7 @@ def write_params(source: Path, destination: Path, args: ModelArgs, n_kv_heads: i
         shutil.copyfile(source, destination)
         return
     params = json.loads(source.read_text())
-    arguments = params.get("model", params)  # a few files nest the arguments under "model"
+    arguments = model_arguments(params)
     arguments["n_kv_heads"] = n_kv_heads
     destination.write_text(json.dumps(params))
 
@@ -256,7 +258,7 @@ def main(argv: list = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as error:  # a folder we may not write to; a full disk (torch.save's RuntimeError)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         print(f"error: writing {options.dst} failed ({reason}): free some space or choose another folder, "
               "and run again (nothing was left there)", file=sys.stderr)
         return 2

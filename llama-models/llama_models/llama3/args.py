@@ -12,6 +12,7 @@ them (head size, feed-forward width, RoPE scale factor).
 """
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,13 @@ from typing import Optional
 class LlamaError(Exception):
     """Input the user can fix: a bad folder, file, device or prompt. The message is one line that
     names the culprit and says what to do, so scripts print it instead of a traceback."""
+
+
+def first_line(error: BaseException) -> str:
+    """What went wrong, for one line of our own: the first line of an error from a library, or its
+    kind where it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass
@@ -52,6 +60,7 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         self._check_kinds()
+        self._check_runtime_sizes()
         self._check_shapes()
         self.head_dim = self.dim // self.n_heads
         self.ffn_hidden_dim = feed_forward_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
@@ -71,26 +80,41 @@ class ModelArgs:
             optional = name in ("ffn_dim_multiplier", "rope_scale_factor")
             if optional and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise LlamaError(f"{name} is {value!r} in params.json: it must be a positive number, as in Meta's "
-                                 "file; download params.json again or correct it")
+            # json reads Infinity and NaN: neither is a size or a constant
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise LlamaError(f"{name} is {value!r} in params.json: it must be a positive finite number, as in "
+                                 "Meta's file; download params.json again or correct it")
         self._check_quantization()
         if not isinstance(self.use_scaled_rope, bool):
             raise LlamaError(f"use_scaled_rope is {self.use_scaled_rope!r} in params.json: it must be true or "
                              "false without quotes; download params.json again or correct it")
 
     def _check_quantization(self):
+        """A folder of llama_models.quantize says {"scheme": "int8"} or {"scheme": "int4", "group_size": N};
+        an int4 one without a group size gets the default here, so that every reader finds one."""
         from .quantize import GROUP_SIZE, INT4_GROUP_SIZES, STORED_SCHEMES  # here: quantize.py imports this module
 
-        if self.quantization is not None and not (
-            isinstance(self.quantization, dict) and set(self.quantization) <= {"scheme", "group_size"}
-            and self.quantization.get("scheme") in STORED_SCHEMES
-            and type(self.quantization.get("group_size", GROUP_SIZE)) is int
-        ):
+        if self.quantization is None:
+            return
+        q = self.quantization
+        int4 = isinstance(q, dict) and q.get("scheme") == "int4"
+        if not (isinstance(q, dict) and q.get("scheme") in STORED_SCHEMES
+                and set(q) <= ({"scheme", "group_size"} if int4 else {"scheme"})
+                and (not int4 or type(q.get("group_size", GROUP_SIZE)) is int
+                     and q.get("group_size", GROUP_SIZE) in INT4_GROUP_SIZES)):
             sizes = ", ".join(map(str, INT4_GROUP_SIZES))
-            raise LlamaError(f"quantization is {self.quantization!r} in params.json: llama_models.quantize writes "
+            raise LlamaError(f"quantization is {q!r} in params.json: llama_models.quantize writes "
                              f'{{"scheme": "int8"}} or {{"scheme": "int4", "group_size": N}} (N one of {sizes}); '
                              "restore the params.json it wrote, or quantize the checkpoint again")
+        if int4:
+            self.quantization = {"scheme": "int4", "group_size": q.get("group_size", GROUP_SIZE)}
+
+    def _check_runtime_sizes(self):
+        """max_seq_len and max_batch_size come from whoever runs the model, not from params.json."""
+        for name in ("max_seq_len", "max_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlamaError(f"{name}={value!r}: the KV cache's size must be a whole number of at least 1")
 
     def _check_shapes(self):
         if self.dim % self.n_heads != 0:
@@ -99,10 +123,6 @@ class ModelArgs:
             raise LlamaError(
                 f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}: check params.json"
             )
-        if self.max_seq_len < 1 or self.max_batch_size < 1:
-            raise LlamaError(
-                f"max_seq_len ({self.max_seq_len}) and max_batch_size ({self.max_batch_size}) must be at least 1"
-            )
 
     @classmethod
     def from_params(cls, params: dict, **runtime) -> "ModelArgs":
@@ -110,7 +130,7 @@ class ModelArgs:
 
         Fields we do not use are ignored, but checkpoints we cannot run are refused by name.
         """
-        params = params.get("model", params)  # a few files nest the arguments under "model"
+        params = model_arguments(params)
         _refuse_unsupported(params)
         missing = [name for name in REQUIRED_FIELDS if name not in params]
         if missing:
@@ -147,9 +167,17 @@ class ModelArgs:
 # The sizes every params.json of Meta's gives; without them the defaults above (8B's) would be
 # taken, and the weights blamed for not matching.
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
-WHOLE_NUMBER_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
-                       "max_batch_size")
+WHOLE_NUMBER_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
 NUMBER_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scale_factor")
+
+
+def model_arguments(params: dict) -> dict:
+    """The model's arguments in a params.json's object: a few files nest them under "model"."""
+    arguments = params.get("model", params)
+    if not isinstance(arguments, dict):
+        raise LlamaError(f'"model" is {arguments!r} in params.json: it should hold the model\'s arguments as an '
+                         "object; download params.json again")
+    return arguments
 
 
 def feed_forward_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:

@@ -75,15 +75,14 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
 
     Decoding reads every weight once per token, so it runs at memory speed: bfloat16 (the
     checkpoint's own dtype, 2 bytes) is read twice as fast as float32 and needs half the memory
-    (8B: 16 GB instead of 32 GB). It also loads with no conversion. Measured on a 2-core Xeon with
-    benchmarks/bench.py, Llama 3.2 1B decodes 9.1 tokens/s in bfloat16 and 5.6 in float32.
-    GPUs without bfloat16 (before NVIDIA Ampere, Macs before macOS 14) get float16.
+    (8B: 16 GB instead of 32 GB). It also loads with no conversion (README, "Speed and memory,
+    measured", has both dtypes' figures). GPUs without bfloat16 (before NVIDIA Ampere, Macs before macOS 14) get float16.
     """
     if dtype is None:
         return torch.bfloat16 if _supports_bfloat16(device) else torch.float16
-    if isinstance(dtype, torch.dtype):
+    if dtype in DTYPES.values():
         return dtype
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # torch.int8 too: the weights are floating point
         raise LlamaError(f"unknown dtype {dtype!r}: use None or one of {', '.join(repr(name) for name in DTYPES)}")
     return DTYPES[dtype]
 
@@ -168,24 +167,6 @@ def end_model_parallel() -> None:
 
 def model_parallel_rank_and_size() -> tuple[int, int]:
     return fairscale_parallel.get_model_parallel_rank(), fairscale_parallel.get_model_parallel_world_size()
-
-
-def is_main_process() -> bool:
-    """True in the one process that should print: rank 0 under torchrun, or a process on its own."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Overwrite `tokens` in every process with rank 0's values, and return it.
-
-    All processes must feed the model the same tokens, or their slices stop fitting together. Greedy
-    decoding picks the same token everywhere (the output layer gathers the full logits in every
-    process), and sampling does too when every process seeds its random generator alike; sharing
-    rank 0's choice makes it certain. With NCCL, `tokens` must be on the process's GPU.
-    """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(tokens, src=0)
-    return tokens
 
 
 # ------------------------------------------------------------------------------------------------

@@ -443,7 +443,7 @@ def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE, rows=()) -> 
                          "(it comes with x86 builds): use None, 'int8' or 'int4'")
     if scheme != "int4":
         return
-    if group_size not in INT4_GROUP_SIZES or isinstance(group_size, bool):
+    if type(group_size) is not int or group_size not in INT4_GROUP_SIZES:  # 32.0 and True are not sizes
         raise LlamaError(f"int4 group size {group_size!r} is not one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
                          f"the sizes PyTorch's int4 kernel takes: use {GROUP_SIZE}")
     bad = sorted({width for width in widths if width % group_size})

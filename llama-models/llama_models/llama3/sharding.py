@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from .args import LlamaError, ModelArgs
+from .args import LlamaError, ModelArgs, first_line
 
 # The dimension along which each weight is split across processes; weights not listed (the norms)
 # are replicated. Names are given without their "layers.{i}." prefix.
@@ -165,7 +165,7 @@ def read_shard(path: Path) -> dict:
                 "holds only tensors and loading one never runs code, so this file is not loaded; download "
                 "the checkpoint again from Meta"
             ) from None
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise LlamaError(
             f"{path} could not be read as PyTorch weights ({reason}): "
             "the file is truncated or not a checkpoint; download it again"
