@@ -49,6 +49,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
         end_model_parallel,
         find_checkpoint_files,
         init_model_parallel,
+        is_main_process,
         load_tokenizer,
         load_weights,
         quantize_loaded,
@@ -185,7 +186,7 @@ def unused_settings(instruct: bool, trained_context: int) -> list:
 def start_processes(device: torch.device) -> tuple[torch.device, bool]:
     """This process's device (under torchrun, "cuda" means its own GPU), and whether it prints (rank 0)."""
     device = init_model_parallel(device)
-    return device, dist.get_rank() == 0
+    return device, is_main_process()
 
 
 # ================================================================================================

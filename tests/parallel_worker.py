@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llama_models.llama3 import load_llama
-from llama_models.llama3.checkpoint import end_model_parallel
+from llama_models.llama3.checkpoint import broadcast_tokens, end_model_parallel, is_main_process
 
 PROMPT = [5, 17, 99, 300, 42, 7]
 N_NEW_TOKENS = 5
@@ -38,10 +38,11 @@ def main(out_dir: Path, folders: list[str]) -> None:
         result = dict(
             tokens=tokens,
             logits=logits,
+            from_rank_0=broadcast_tokens(torch.tensor([dist.get_rank()])).item(),  # 0 in every process
             kv_cache_heads=model.layers[0].attention.n_local_kv_heads,
         )
         torch.save(result, out_dir / f"{index}.rank{dist.get_rank()}.pt")
-        if dist.get_rank() == 0:
+        if is_main_process():
             print(f"{folder}: {tokens}")
     end_model_parallel()
 

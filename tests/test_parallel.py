@@ -202,6 +202,7 @@ def check_processes_agree_with_one_process(results: list[dict], one_process_resu
     for result in results:
         assert result["tokens"] == expected_tokens
         assert (result["logits"] - expected_logits).abs().max().item() < TOLERANCE
+        assert result["from_rank_0"] == 0  # broadcast_tokens shares rank 0's values
 
 
 def test_torchrun_two_processes_match_one_process(sharded, one_process_result, tmp_path):

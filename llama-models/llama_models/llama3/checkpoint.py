@@ -169,6 +169,24 @@ def model_parallel_rank_and_size() -> tuple[int, int]:
     return fairscale_parallel.get_model_parallel_rank(), fairscale_parallel.get_model_parallel_world_size()
 
 
+def is_main_process() -> bool:
+    """True in the one process that should print: rank 0 under torchrun, or a process on its own."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Overwrite `tokens` in every process with rank 0's values, and return it.
+
+    All processes must feed the model the same tokens, or their slices stop fitting together. Greedy
+    decoding picks the same token everywhere (the output layer gathers the full logits in every
+    process), and sampling does too when every process seeds its random generator alike; sharing
+    rank 0's choice makes it certain. With NCCL, `tokens` must be on the process's GPU.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tokens, src=0)
+    return tokens
+
+
 # ------------------------------------------------------------------------------------------------
 # The checkpoint folder
 # ------------------------------------------------------------------------------------------------
