@@ -34,6 +34,9 @@ MAX_NEW_TOKENS = 128  # stop after this many tokens unless the model ends its an
 
 
 def main():
+    for name in ("MODEL_NAME", "LLAMA_MODELS_DIR"):
+        if not isinstance(globals()[name], str):
+            raise LlamaError(f"{name} = {globals()[name]!r}: write a folder name in quotes")
     folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME)
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
     if len(files.shards) > 1:
@@ -61,7 +64,8 @@ def main():
         raise LlamaError(f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS!r}: write a whole number of at least 1")
     context = params.trained_context  # 128k tokens for Llama 3.1 and later, 8k before
     if len(prompt) + MAX_NEW_TOKENS > context:
-        raise LlamaError(f"the prompt ({len(prompt)} tokens) leaves no room to answer in {context}: shorten it")
+        raise LlamaError(f"the prompt ({len(prompt)} tokens) and MAX_NEW_TOKENS = {MAX_NEW_TOKENS} exceed the model's "
+                         f"context of {context} tokens: shorten the prompt or lower MAX_NEW_TOKENS")
 
     # 5. Build the Transformer, its KV cache sized for this prompt and answer. Weights stay bfloat16,
     # unless the folder was written by `python -m llama_models.quantize` (int8 or int4; run_inference.py, 6b)
@@ -95,7 +99,7 @@ def main():
 
     # 8. Report
     print(decoder.flush())
-    print(f"\n{len(generated)} tokens at {len(generated) / (time.perf_counter() - started):.1f} tokens/s")
+    print(f"\n{len(generated)} tokens in {time.perf_counter() - started:.1f} s, the prompt's prefill included")
     dist.destroy_process_group()
 
 
