@@ -18,6 +18,7 @@ same stages as minimal_run_inference.py, with the explanations that one leaves o
 import base64
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import math
 import os
@@ -102,8 +103,9 @@ SHOW_PROFILE = False  # where a decode step's time goes: each part's ms, bytes r
 
 # Each setting's kind, checked before anything runs, so that a typo ends in one line naming it
 # (MAX_NEW_TOKENS = "10" would otherwise fail deep inside, and IS_INSTRUCT = "no" would count as yes).
-WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": 1, "BEAM_WIDTH": 1, "SHOW_ALTERNATIVES": 0, "SEED": None,
-                         "CHAT_CONTEXT": 2}  # minimums
+# SEED's range is what torch.manual_seed takes (with room for the chat's SEED + turn).
+WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": (1, None), "BEAM_WIDTH": (1, None), "SHOW_ALTERNATIVES": (0, None),
+                         "SEED": (-2**63, 2**63 - 1), "CHAT_CONTEXT": (2, None)}  # ranges
 # LENGTH_PENALTY's range keeps length**LENGTH_PENALTY a finite, non-zero float at any length the
 # context holds (131072**10 is about 1e51); useful values lie between 0 and 2.
 NUMBER_SETTINGS = {"LENGTH_PENALTY": (-10, 10), "TEMPERATURE": (0, None), "TOP_P": (0, 1)}  # ranges
@@ -114,20 +116,17 @@ TEXT_SETTINGS = {"MODEL_NAME": False, "LLAMA_MODELS_DIR": False, "INPUT_STRING":
 
 def check_settings() -> None:
     settings = globals()
-    for name, minimum in WHOLE_NUMBER_SETTINGS.items():
+    for name, (low, high) in WHOLE_NUMBER_SETTINGS.items():
         value = settings[name]
         if isinstance(value, bool) or not isinstance(value, int):
             hint = " (0 turns it off)" if name == "SHOW_ALTERNATIVES" else ""
             raise LlamaError(f"{name} = {value!r}: write a whole number, e.g. {name} = 5{hint}")
-        if minimum is not None and value < minimum:
-            raise LlamaError(f"{name} = {value}: it must be at least {minimum}")
+        check_range(name, value, low, high)
     for name, (low, high) in NUMBER_SETTINGS.items():
         value = settings[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise LlamaError(f"{name} = {value!r}: write a number, e.g. {name} = 0.9")
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise LlamaError(f"{name} = {value}: it must be {bounds}")
+        check_range(name, value, low, high)
     for name in SWITCH_SETTINGS + ("IS_INSTRUCT",):
         value = settings[name]
         if not isinstance(value, bool) and not (name == "IS_INSTRUCT" and value is None):
@@ -141,10 +140,33 @@ def check_settings() -> None:
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
     if QUANTIZE not in (None, *SCHEMES):
         raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, 'int8', 'int4' or 'fp16'")
+    if ATTENTION_PNG:  # now, not after the model has loaded and answered
+        check_attention_png(Path(ATTENTION_PNG).expanduser())
+
+
+def check_range(name: str, value, low, high) -> None:  # None: no bound on that side
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise LlamaError(f"{name} = {value}: it must be {bounds}")
+
+
+def check_attention_png(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: the folder {path.parent} does not exist; create it "
+                         "or name a file in one that does")
+    if not matplotlib_installed():
+        raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r} draws with matplotlib, which is not installed: "
+                         "pip install matplotlib, or set ATTENTION_PNG = None")
+
+
+def matplotlib_installed() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def unused_settings(instruct: bool, trained_context: int) -> list:
-    """Settings that the others leave without effect: a note each, so that none is ignored silently."""
+    """Settings turned on or given that the others leave without effect: a note each. (The numbers of
+    the decoding methods not chosen, such as TEMPERATURE with greedy decoding, always have values, so
+    they get none.)"""
     settings, notes = globals(), []
     if DECODING == "beam" and not CHAT:
         notes += [f"{name} = {settings[name]!r} shows greedy or sampled tokens; beam search prints whole beams"
@@ -336,7 +358,7 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # less than 6e-8. It is about speed on CPUs without bfloat16 arithmetic, where every bfloat16
 # kernel converts each weight as it multiplies. PyTorch's fbgemm library has a half-precision product
 # for one row, four (beams) or a prompt's worth, once each matrix is packed in its own layout (on the
-# 2-core AVX2 EPYC of README's tables it read 0.70 of the memory's speed where bfloat16 read 0.50).
+# 2-core AVX2 EPYC of README's tables it read 0.69 of the memory's speed where bfloat16 read 0.51).
 # That packing is done at every load (there: 9 s for Llama 3.2 1B) and cannot be saved, so it pays
 # off over a long generation or a chat, if at all: run benchmarks/bench.py --quantize fp16 to see.
 # The embedding is not packed: a lookup reads a few of its rows. products.py still times fbgemm's
@@ -380,9 +402,9 @@ def quantizing_progress(scheme: str, is_main: bool):
 # growing with the text. The mask: during prefill, position i must not see positions after i (they
 # are the future it is predicting); a single new token has no future in the cache, so it needs none.
 #
-# Softmax turns logits into probabilities. It is taken in float32 (`.float()`): in bfloat16 (3
-# significant digits) small probabilities round to 0 and large ones lose the differences that
-# separate the top candidates.
+# Softmax turns logits into probabilities. It is taken in float32, the dtype `Transformer.logits`
+# returns whatever the weights' dtype: in bfloat16 (3 significant digits) small probabilities round
+# to 0 and large ones lose the differences that separate the top candidates.
 
 
 def prompt_tensor(model, tokens: list) -> torch.Tensor:
@@ -436,7 +458,7 @@ def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, ch
 
 
 def most_likely(logits: torch.Tensor) -> tuple:
-    probs = torch.softmax(logits.float(), dim=-1)  # (vocab,)
+    probs = torch.softmax(logits, dim=-1)  # (vocab,)
     token = int(probs.argmax())
     return token, float(probs[token])
 
@@ -472,7 +494,7 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, tempera
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
 
     def draw(logits: torch.Tensor) -> tuple:
-        probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
+        probs = top_p_filter(torch.softmax(logits / temperature, dim=-1), top_p)
         token = int(torch.multinomial(probs, num_samples=1, generator=generator))
         return token, float(probs[token])
 
@@ -532,7 +554,7 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
     n_candidates = max(2, 1 + len(stop_tokens)) * beam_width
 
     for length in range(1, max_new_tokens + 1):
-        log_probs = F.log_softmax(logits.float(), dim=-1)  # (beams, vocab)
+        log_probs = F.log_softmax(logits, dim=-1)  # (beams, vocab)
         totals = (beam_scores[:, None] + log_probs).flatten()  # (beams * vocab,)
         top_totals, top_index = totals.topk(min(n_candidates, totals.numel()))
         parents, tokens = top_index // vocab_size, top_index % vocab_size
@@ -665,26 +687,27 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
     prompt, reused = conversation.tokens() + user, conversation.cached
     # A new seed each turn (the same in every process), else each answer would draw the same numbers.
     steps = decode_steps(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, seed=SEED + turn, cached=reused)
-    answer, started = [], time.perf_counter()
+    answer, started, first_token = [], time.perf_counter(), None
     try:
         if is_main:
             with alternatives_shown(model) as alternatives:
-                stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives, tokens=answer)
+                _, first_token = stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives, tokens=answer)
         else:
             answer.extend(token for token, _ in steps)
     except KeyboardInterrupt:
         if dist.get_world_size() > 1:  # the other processes are in the middle of the same step: end all
             raise
         print("\n(stopped)")
-    seconds = time.perf_counter() - started
+    finished = time.perf_counter()
     conversation.exchanges.append(user + answer + [tokenizer.eot_id])  # the answer closed as a finished turn
     # Every answer token but the last was fed to the model (the last one maybe not: the answer may have
     # ended at MAX_NEW_TOKENS, or been stopped); the next turn prefills from there. No answer: the prefill
     # may not have finished, so only what was cached before is sure.
     conversation.cached = len(prompt) + len(answer) - 1 if answer else reused
-    if is_main:
+    if is_main:  # the first token comes from the prefill; the rest each took one decode step
+        rate = f", decode {(len(answer) - 1) / (finished - first_token):.1f} tokens/s" if first_token and len(answer) > 1 else ""
         print(f"[prefilled {len(prompt) - reused}, reused {reused}, answer {len(answer)} tokens in "
-              f"{seconds:.1f} s ({len(answer) / seconds:.1f} tokens/s)]\n")
+              f"{finished - started:.1f} s{rate}]\n")
 
 
 def check_chat(model_name: str) -> None:
@@ -1055,14 +1078,11 @@ def last_layer_attention(model, prompt_tokens: list) -> torch.Tensor:
 
 
 def save_attention_png(attention: torch.Tensor, tokenizer: Tokenizer, prompt: list, path: str) -> None:
-    try:
-        import matplotlib
+    import matplotlib  # optional, so imported here: check_settings made sure it is installed
 
-        matplotlib.use("Agg")  # draw to a file; no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"ATTENTION_PNG: matplotlib is not installed (pip install matplotlib); {path} not written\n")
-        return
+    matplotlib.use("Agg")  # draw to a file; no window
+    import matplotlib.pyplot as plt
+
     labels = [token_text(tokenizer, token) for token in prompt]
     figure, axes = plt.subplots(figsize=(2 + len(prompt) / 4, 1.5 + len(prompt) / 4))
     axes.imshow(attention.mean(dim=0).cpu().numpy(), cmap="viridis")  # (seq, seq), averaged over heads
@@ -1072,7 +1092,7 @@ def save_attention_png(attention: torch.Tensor, tokenizer: Tokenizer, prompt: li
     axes.set_ylabel("query position")
     axes.set_title("last layer attention, mean over heads")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(Path(path).expanduser(), dpi=120)
     print(f"wrote {path}\n")
 
 
@@ -1095,7 +1115,7 @@ def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> Non
 
 
 def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer, text_width: int = 0) -> None:
-    print(f"{step:>5}  {token:>6}  {probability:>7.2%}  {token_text(tokenizer, token):<{text_width}}", end="")
+    print(f"{step:>5}  {token:>6}  {probability:>8.2%}  {token_text(tokenizer, token):<{text_width}}", end="")
 
 
 def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: list = None, tokens: list = None):
@@ -1106,8 +1126,9 @@ def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: 
     """
     table = show_tokens or alternatives is not None
     text_width = 16 if alternatives is not None else 0  # align the alternatives column
-    if table:
-        header = f"{'step':>5}  {'id':>6}  {'prob':>7}  {'text':<{text_width}}"
+    if table:  # sampling draws from the distribution after TEMPERATURE and TOP_P: its probability is that one's
+        prob = "p(drawn)" if DECODING == "sample" else "prob"
+        header = f"{'step':>5}  {'id':>6}  {prob:>8}  {'text':<{text_width}}"
         print(header + ("  |  entropy  alternatives (the model's distribution)" if alternatives is not None else ""))
     decoder, tokens, first_token_time = StreamingDecoder(tokenizer), [] if tokens is None else tokens, None
     for token, probability in steps:
@@ -1155,7 +1176,7 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
             print_beams(beams, tokenizer)
             steps = max(len(tokens) for tokens, _ in beams)
             print(f"\nprompt: {len(prompt)} tokens, {steps} beam steps of width {BEAM_WIDTH} "
-                  f"in {finished - started:.2f} s ({steps / (finished - started):.2f} steps/s)")
+                  f"in {finished - started:.2f} s, the prompt's prefill included")
         return
     steps = decode_steps(model, prompt, max_new_tokens, stop_tokens)
     if not is_main:  # other ranks take part in every forward pass but print nothing

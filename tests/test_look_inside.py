@@ -101,7 +101,7 @@ def test_last_layer_attention_matches_transformers(models):
 
 
 def test_attention_png_is_written(models, tmp_path):
-    pytest.importorskip("matplotlib")  # optional: the script says how to install it when missing
+    pytest.importorskip("matplotlib")  # optional: the settings' check says how to install it
     model, _, folder = models
     path = tmp_path / "attention.png"
     tokenizer = run_inference.Tokenizer(folder / "tokenizer.model")
@@ -110,9 +110,10 @@ def test_attention_png_is_written(models, tmp_path):
 
 
 def test_script_shows_every_view(tiny_checkpoint, tmp_path):
+    png = str(tmp_path / "a.png") if run_inference.matplotlib_installed() else None  # without it the settings' check refuses
     settings = ("import run_inference as r; r.MAX_NEW_TOKENS = 4; r.SHOW_PROMPT_TOKENS = True; "
                 "r.SHOW_ALTERNATIVES = 3; r.SHOW_LOGIT_LENS = True; r.SHOW_MEMORY = True; "
-                f"r.ATTENTION_PNG = {str(tmp_path / 'a.png')!r}; r.main()")
+                f"r.ATTENTION_PNG = {png!r}; r.main()")
     environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(tiny_checkpoint("gqa3")), "OMP_NUM_THREADS": "1"}
     finished = subprocess.run([sys.executable, "-c", settings], capture_output=True, text=True, timeout=120,
                               env=environment, cwd=REPO_ROOT)
@@ -120,15 +121,18 @@ def test_script_shows_every_view(tiny_checkpoint, tmp_path):
     for heading in ("base64", "memory:", "KV cache", "logit lens", "entropy", "alternatives"):
         assert heading in finished.stdout
     assert finished.stdout.count("|") >= 4  # one alternatives column per generated token
-    assert ("wrote" in finished.stdout) == matplotlib_installed()  # else it names the missing package
+    assert ("wrote" in finished.stdout) == (png is not None)
 
 
-def matplotlib_installed() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def test_attention_png_is_checked_before_anything_runs(monkeypatch, tmp_path):
+    """A missing folder or a missing matplotlib: one line at the start, not a traceback after the answer."""
+    monkeypatch.setattr(run_inference, "ATTENTION_PNG", str(tmp_path / "no-such-folder" / "a.png"))
+    with pytest.raises(run_inference.LlamaError, match="no-such-folder does not exist"):
+        run_inference.check_settings()
+    monkeypatch.setattr(run_inference, "ATTENTION_PNG", str(tmp_path / "a.png"))
+    monkeypatch.setattr(run_inference, "matplotlib_installed", lambda: False)
+    with pytest.raises(run_inference.LlamaError, match="matplotlib, which is not installed: pip install matplotlib"):
+        run_inference.check_settings()
 
 
 def test_profile_counts_each_parts_bytes_and_its_times_fit_in_the_step(tiny_checkpoint, fresh_choosers):

@@ -432,7 +432,7 @@ def test_run_inference_script_beam_and_sample_modes(tiny_checkpoint):
     assert "tokenizer.model holds lines of" in sampled
     assert re.search(r"^\s+0\s+\d+\s+\(special\)\s+'<\|begin_of_text\|>'$", sampled, re.MULTILINE)  # prompt table
     assert sampled.count("'<|start_header_id|>'") == 3  # system, user and assistant headers
-    assert re.search(r"^\s+step\s+id\s+prob\s+text$", sampled, re.MULTILINE)
+    assert re.search(r"^\s+step\s+id\s+p\(drawn\)\s+text$", sampled, re.MULTILINE)  # sampled: after TEMPERATURE, TOP_P
     assert re.search(r"^prompt: \d+ tokens, generated: \d+ tokens$", sampled, re.MULTILINE)
     assert folder_snapshot(folder) == before
 
@@ -466,7 +466,7 @@ def test_both_scripts_run_a_folder_the_quantize_tool_wrote(tiny_checkpoint, tmp_
     assert answer(from_folder.stdout) == answer(at_load.stdout)
     minimal = run_python(["minimal_run_inference.py"], checkpoint=folder)
     assert_ran_cleanly(minimal)
-    assert re.search(r"^\d+ tokens at [\d.]+ tokens/s$", minimal.stdout, re.MULTILINE)
+    assert re.search(r"^\d+ tokens in [\d.]+ s, the prompt's prefill included$", minimal.stdout, re.MULTILINE)
     other = "int4" if scheme == "int8" else "int8"
     refused = run_python(with_settings(f"r.QUANTIZE = {other!r}"), checkpoint=folder)
     assert refused.returncode != 0 and f"holds {scheme} weights" in refused.stderr
@@ -479,7 +479,7 @@ def test_minimal_run_inference_script_runs(tiny_checkpoint):
     before = folder_snapshot(folder)
     finished = run_python(["minimal_run_inference.py"], checkpoint=folder)
     assert_ran_cleanly(finished)
-    assert re.search(r"^\d+ tokens at [\d.]+ tokens/s$", finished.stdout, re.MULTILINE)  # its one timing line
+    assert re.search(r"^\d+ tokens in [\d.]+ s, the prompt's prefill included$", finished.stdout, re.MULTILINE)  # its one timing line
     assert "initializing model parallel" not in finished.stdout  # fairscale's banner is kept quiet
     assert folder_snapshot(folder) == before
 
@@ -517,7 +517,7 @@ def test_bad_settings_end_with_a_one_line_error(tiny_checkpoint, tmp_path, case)
 
 SETTINGS_OF_THE_WRONG_KIND = [
     ("MAX_NEW_TOKENS", "10"), ("MAX_NEW_TOKENS", 2.5), ("MAX_NEW_TOKENS", 0), ("BEAM_WIDTH", True),
-    ("SEED", "abc"), ("SHOW_ALTERNATIVES", True), ("SHOW_ALTERNATIVES", -1), ("TEMPERATURE", "0.6"),
+    ("SEED", "abc"), ("SEED", 2**70), ("SHOW_ALTERNATIVES", True), ("SHOW_ALTERNATIVES", -1), ("TEMPERATURE", "0.6"),
     ("TEMPERATURE", -1), ("TOP_P", 1.5), ("TOP_P", float("nan")), ("LENGTH_PENALTY", None),
     ("LENGTH_PENALTY", 400), ("LENGTH_PENALTY", -400), ("LENGTH_PENALTY", float("inf")),
     ("INPUT_STRING", None), ("SYSTEM_PROMPT", 3), ("MODEL_NAME", None), ("IS_INSTRUCT", "no"),
@@ -592,13 +592,23 @@ def test_an_interrupt_while_torch_imports_exits_with_code_130(tmp_path, script):
 
 
 @pytest.mark.parametrize("setting, value", [("MAX_NEW_TOKENS", "0"), ("MAX_NEW_TOKENS", "'10'"),
-                                            ("MAX_NEW_TOKENS", "2.5"), ("INPUT_STRING", "None")])
+                                            ("MAX_NEW_TOKENS", "2.5"), ("INPUT_STRING", "None"),
+                                            ("MODEL_NAME", "None"), ("LLAMA_MODELS_DIR", "3")])
 def test_minimal_script_names_a_setting_of_the_wrong_kind(tiny_checkpoint, setting, value):
     code = (f"import sys, minimal_run_inference as m\nm.{setting} = {value}\n"
             "try:\n    m.main()\nexcept m.LlamaError as error:\n    sys.exit(f'error: {error}')")
     finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
     assert finished.returncode == 1
     assert finished.stderr.strip().startswith(f"error: {setting} = {value}: write ")
+
+
+def test_minimal_script_names_both_culprits_of_an_answer_beyond_the_context(tiny_checkpoint):
+    code = ("import sys, minimal_run_inference as m\nm.MAX_NEW_TOKENS = 200_000\n"
+            "try:\n    m.main()\nexcept m.LlamaError as error:\n    sys.exit(f'error: {error}')")
+    finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
+    assert finished.returncode == 1
+    assert re.search(r"the prompt \(\d+ tokens\) and MAX_NEW_TOKENS = 200000 exceed the model's context of 131072 "
+                     "tokens: shorten the prompt or lower MAX_NEW_TOKENS", finished.stderr)
 
 
 def test_minimal_script_says_it_takes_no_arguments():
@@ -670,7 +680,7 @@ def test_both_scripts_run_a_checkpoint_saved_in_float32(tiny_checkpoint, tmp_pat
     torch.save({name: tensor.float() for name, tensor in torch.load(weights, weights_only=True).items()}, weights)
     finished = run_python([script], checkpoint=folder)
     assert_ran_cleanly(finished)
-    assert re.search(r"tokens/s", finished.stdout)
+    assert re.search(r"^decode: [\d.]+ tokens/s$|prefill included$", finished.stdout, re.MULTILINE)  # the report
 
 
 @pytest.mark.parametrize("script", ["minimal_run_inference.py", "run_inference.py"])
