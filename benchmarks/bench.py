@@ -408,8 +408,7 @@ def ours_greedy(model, prompt: list, tokens: int) -> list:
     """Our greedy decoding of `tokens` tokens (1: the prefill and the token it picks)."""
     import run_inference
 
-    # islice: stop after the n-th token, before greedy_decode runs a forward pass for token n + 1.
-    return list(itertools.islice(run_inference.greedy_decode(model, prompt, tokens), tokens))
+    return list(run_inference.greedy_decode(model, prompt, tokens))  # no forward pass after the last token
 
 
 def ours_prefill_passes(prompt_tokens: int) -> int:
@@ -784,12 +783,12 @@ def roofline_for(args: ModelArgs, dtype: torch.dtype, bandwidth: float, prompt_t
 def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model shape (default 1b)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model shape (default %(default)s)")
     parser.add_argument("--dtypes", default="bf16,f32", help="comma-separated, of bf16 and f32 (default both)")
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
-                        help=f"prompt length (default {DEFAULT_PROMPT_TOKENS})")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed generations per measurement (default 2)")
+                        help="prompt length (default %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations per measurement (default %(default)s)")
     parser.add_argument("--skip-transformers", action="store_true", help="ours and the roofline only")
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="cap the workers' CPU kernels at AVX2, as on a CPU without bfloat16 instructions")
@@ -807,14 +806,17 @@ def parse_options(argv=None):
     if unknown or not options.dtypes:
         parser.error(f"--dtypes: use bf16 and/or f32, not {','.join(unknown) or 'nothing'}")
     options.quantize = [scheme.strip() for scheme in options.quantize.split(",") if scheme.strip()]
-    if any(scheme not in QUANTIZE_TARGETS for scheme in options.quantize):
-        parser.error(f"--quantize: use int8, int4 and/or fp16, not {','.join(options.quantize)}")
+    unknown = [scheme for scheme in options.quantize if scheme not in QUANTIZE_TARGETS]
+    if unknown:
+        parser.error(f"--quantize: use int8, int4 and/or fp16, not {','.join(unknown)}")
     if options.quantize and "bf16" not in options.dtypes:
         parser.error("--quantize compares with our bfloat16 model: keep bf16 in --dtypes")
     if options.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes from the prefill)")
     if options.prompt_tokens < 1:
         parser.error("--prompt-tokens must be at least 1")
+    if options.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if options.cached < 0:
         parser.error("--cached must be 0 (not measured) or more")
     return options
