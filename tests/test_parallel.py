@@ -74,7 +74,16 @@ def test_process_count_that_fits_neither_way_is_refused_in_one_line(sharded):
         check_world_size(model_args(sharded[2]), n_shards=2, world_size=3, folder=sharded[2])
     message = str(error.value)
     assert "\n" not in message
-    assert "holds 2 shard(s)" in message and "split 3 ways" in message and "1, 2, 4, 8" in message
+    assert "cannot be split 3 ways: its 2 shard(s) cannot be cut or glued into 3" in message and "1, 2, 4, 8" in message
+
+
+def test_an_int4_folder_names_its_groups_as_what_a_process_count_would_cut():
+    """A group size that fits the model but not half its inputs: the groups are named, not the heads."""
+    args = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, quantization={"scheme": "int4",
+                                                                                                 "group_size": 128})
+    with pytest.raises(LlamaError, match=r"cannot be split 2 ways: its int4 groups of 128 inputs would be cut "
+                                         r"\(128 inputs make 64 a process\); only 1 process \(or shard\) fits"):
+        args_for_model_parallel(args, 2)
 
 
 # --- one process's slices -----------------------------------------------------------------------
@@ -290,6 +299,18 @@ def test_run_inference_script_under_torchrun_prints_what_one_process_prints(shar
     two = generated_text(sharded[2], [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                       "--nproc-per-node", "2", "--no-python"])
     assert one.strip() and one == two
+
+
+def test_an_error_under_torchrun_is_said_once(sharded, tmp_path):
+    """Both processes meet the missing folder; rank 0 alone prints the line (torchrun then adds its
+    own report of the failed processes)."""
+    environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(tmp_path / "no-such-folder"), "OMP_NUM_THREADS": "1",
+                                "TMPDIR": str(tmp_path)}
+    finished = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "run_inference.py"], capture_output=True, text=True, timeout=180, env=environment,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert finished.returncode != 0
+    assert finished.stderr.count(f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}") == 1
 
 
 def test_chat_under_torchrun_answers_as_one_process_does(sharded, tmp_path):

@@ -104,16 +104,29 @@ def same_memory(tensor: torch.Tensor) -> tuple:
 # ------------------------------------------------------------------------------------------------
 
 
-def fits_world_size(args: ModelArgs, n_shards: int, world_size: int) -> bool:
-    """Can `world_size` processes share a checkpoint of this shape stored as `n_shards` shards?"""
-    shards_fit = n_shards % world_size == 0 or world_size % n_shards == 0
+def why_world_size_does_not_fit(args: ModelArgs, n_shards: int, world_size: int) -> Optional[str]:
+    """Why `world_size` processes cannot share a checkpoint of this shape stored as `n_shards` shards
+    (a phrase to follow "cannot be split N ways:"), or None where they can."""
+    if not (n_shards % world_size == 0 or world_size % n_shards == 0):
+        return f"its {n_shards} shard(s) cannot be cut or glued into {world_size}"
     # Fewer processes than KV heads: each takes a whole number of heads. More: each head is repeated.
-    kv_heads_fit = args.n_kv_heads % world_size == 0 or world_size % args.n_kv_heads == 0
-    split_evenly = all(size % world_size == 0 for size in (args.n_heads, args.ffn_hidden_dim, args.vocab_size))
+    if not (args.n_kv_heads % world_size == 0 or world_size % args.n_kv_heads == 0):
+        return f"its {args.n_kv_heads} key/value heads cannot be shared out evenly"
+    for name, size in (("query heads", args.n_heads), ("feed-forward units", args.ffn_hidden_dim),
+                       ("vocabulary tokens", args.vocab_size)):
+        if size % world_size:
+            return f"its {size} {name} cannot be shared out evenly"
     # An int4 folder's groups of inputs cannot be cut: wo and w2 split their inputs (dim, ffn width).
     group_size = (args.quantization or {}).get("group_size")
-    groups_fit = group_size is None or all((width // world_size) % group_size == 0 for width in (args.dim, args.ffn_hidden_dim))
-    return shards_fit and kv_heads_fit and split_evenly and groups_fit
+    for width in (args.dim, args.ffn_hidden_dim) if group_size else ():
+        if (width // world_size) % group_size:
+            return (f"its int4 groups of {group_size} inputs would be cut ({width} inputs make {width // world_size} "
+                    "a process)")
+    return None
+
+
+def fits_world_size(args: ModelArgs, n_shards: int, world_size: int) -> bool:
+    return why_world_size_does_not_fit(args, n_shards, world_size) is None
 
 
 def valid_world_sizes(args: ModelArgs, n_shards: int = 1) -> list[int]:
@@ -121,14 +134,15 @@ def valid_world_sizes(args: ModelArgs, n_shards: int = 1) -> list[int]:
     return [size for size in range(1, args.n_heads + 1) if fits_world_size(args, n_shards, size)]
 
 
-def check_world_size(args: ModelArgs, n_shards: int, world_size: int, folder: Path) -> None:
-    """Refuse, in one line naming the counts that work, a process count that does not fit."""
-    if not fits_world_size(args, n_shards, world_size):
-        sizes = ", ".join(str(size) for size in valid_world_sizes(args, n_shards))
-        raise LlamaError(
-            f"{folder} holds {n_shards} shard(s) of a model with {args.n_heads} query heads, which cannot be "
-            f"split {world_size} ways: use one of {sizes} processes (or shards)"
-        )
+def check_world_size(args: ModelArgs, n_shards: int, world_size: int, folder: Path = None) -> None:
+    """Refuse, in one line naming the reason and the counts that work, a process count that does not fit."""
+    reason = why_world_size_does_not_fit(args, n_shards, world_size)
+    if reason is not None:
+        sizes = valid_world_sizes(args, n_shards)
+        counts = (f"use one of {', '.join(map(str, sizes))} processes (or shards)" if len(sizes) > 1
+                  else "only 1 process (or shard) fits")
+        what = f"{folder}" if folder is not None else "the model"
+        raise LlamaError(f"{what} cannot be split {world_size} ways: {reason}; {counts}")
 
 
 def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
@@ -137,12 +151,7 @@ def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
     Every process needs the same whole number of KV heads: the fewest heads that allows is the least
     common multiple of n_kv_heads and N (n_kv_heads itself for N <= n_kv_heads, else N).
     """
-    if not fits_world_size(args, 1, world_size):
-        sizes = ", ".join(str(size) for size in valid_world_sizes(args))
-        raise LlamaError(
-            f"a model with {args.n_heads} query heads and {args.n_kv_heads} key/value heads cannot be split "
-            f"{world_size} ways: use one of {sizes} processes"
-        )
+    check_world_size(args, 1, world_size)
     return replace(args, n_kv_heads=math.lcm(args.n_kv_heads, world_size))
 
 
@@ -165,9 +174,11 @@ def read_shard(path: Path) -> dict:
                 "holds only tensors and loading one never runs code, so this file is not loaded; download "
                 "the checkpoint again from Meta"
             ) from None
-        reason = first_line(error)
+        # The file system's reason helps (permission denied); PyTorch's about a damaged zip does not:
+        # it asks to re-save the file with other options, or calls itself an internal error.
+        reason = f" ({first_line(error)})" if isinstance(error, OSError) else ""
         raise LlamaError(
-            f"{path} could not be read as PyTorch weights ({reason}): "
+            f"{path} could not be read as PyTorch weights{reason}: "
             "the file is truncated or not a checkpoint; download it again"
         ) from None
     if not isinstance(state_dict, dict):
