@@ -30,8 +30,16 @@ from pathlib import Path
 
 def exit_interrupted(*_) -> None:
     """Ctrl-C: end with exit code 130, as shells report a process ended by SIGINT, and no traceback."""
-    print("\ninterrupted", file=sys.stderr)
-    sys.exit(130)
+    exit_with("interrupted", 130)
+
+
+def exit_with(message: str, code: int) -> None:
+    """One line on stderr and the exit code. Under torchrun every process meets the same error (or
+    Ctrl-C), and rank 0 alone says it, as it alone prints everything else; torchrun's own RANK
+    variable tells, since the error may come before torch.distributed starts."""
+    if os.environ.get("RANK", "0") == "0":
+        print(("\n" if code == 130 else "") + message, file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly; main() restores it
@@ -1252,7 +1260,7 @@ def main(arguments=()) -> None:
                              "LLAMA_CHECKPOINT_DIR=...")
         run()
     except LlamaError as error:
-        sys.exit(f"error: {error}")
+        exit_with(f"error: {error}", 1)
     except KeyboardInterrupt:
         exit_interrupted()
 

@@ -119,11 +119,15 @@ def test_more_layers_in_params_than_in_the_file(checkpoint_copy):
     assert f"layers.{params['n_layers'] - 1}." in message
 
 
-def test_truncated_weights_file(checkpoint_copy):
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_weights_file_is_named_without_pytorchs_advice(checkpoint_copy, damage):
+    """PyTorch's own text for a damaged zip asks to re-save the file, or calls itself an internal error."""
     path = checkpoint_copy / "consolidated.00.pth"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[: size // 2] if damage == "truncated" else os.urandom(size))
     message = load_error(checkpoint_copy)
-    assert "consolidated.00.pth could not be read" in message and "download it again" in message
+    assert message == (f"{path} could not be read as PyTorch weights: the file is truncated or not a checkpoint; "
+                       "download it again")
 
 
 class RunsCode:

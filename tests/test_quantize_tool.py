@@ -202,8 +202,10 @@ reshard.run_tool(main)
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
 def test_a_killed_tool_ends_by_the_same_signal(name):
     """After cleaning up, the process dies of the signal: its parent sees a kill, not an exit code."""
-    finished = subprocess.run([sys.executable, "-c", TOOL_THAT_SIGNALS_ITSELF, name], capture_output=True, timeout=60)
+    finished = subprocess.run([sys.executable, "-c", TOOL_THAT_SIGNALS_ITSELF, name], capture_output=True, timeout=60,
+                              text=True)
     assert finished.returncode == -getattr(signal, name), finished.stderr
+    assert finished.stderr == f"error: stopped by {name}: what this run wrote is removed\n"
 
 
 def test_under_nohup_a_closed_terminal_does_not_stop_the_tool():
@@ -288,16 +290,17 @@ def test_an_int4_folder_without_a_group_size_gets_the_default_once():
     assert args.quantization == {"scheme": "int4", "group_size": GROUP_SIZE}
 
 
-def test_a_new_name_without_instruct_gets_a_note(tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("tool_main, argument", [(tool.main, "int8"), (reshard.main, "2")], ids=["quantize", "reshard"])
+def test_a_new_name_without_instruct_gets_a_note(tiny_checkpoint, tmp_path, capsys, tool_main, argument):
     """run_inference.py picks the chat format by the folder's name: a copy named without it would
     silently get the plain-text prompt."""
     instruct = tmp_path / "Tiny-Instruct"
     instruct.mkdir()
     for path in tiny_checkpoint("gqa4").iterdir():
         (instruct / path.name).symlink_to(path)
-    assert tool.main([str(instruct), str(tmp_path / "tiny-int8"), "int8"]) == 0
+    assert tool_main([str(instruct), str(tmp_path / "tiny-copy"), argument]) == 0
     assert "note: run_inference.py uses the chat format" in capsys.readouterr().out
-    assert tool.main([str(instruct), str(tmp_path / "Tiny-Instruct-int8"), "int8"]) == 0
+    assert tool_main([str(instruct), str(tmp_path / "Tiny-Instruct-copy"), argument]) == 0
     assert "note:" not in capsys.readouterr().out
 
 

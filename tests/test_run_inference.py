@@ -611,6 +611,13 @@ def test_minimal_script_names_both_culprits_of_an_answer_beyond_the_context(tiny
                      "tokens: shorten the prompt or lower MAX_NEW_TOKENS", finished.stderr)
 
 
+def test_minimal_script_names_a_missing_folder_and_the_settings_that_choose_it(tmp_path):
+    finished = run_python(["minimal_run_inference.py"], checkpoint=tmp_path / "no-such-folder")
+    assert finished.returncode == 1
+    assert finished.stderr == (f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}: set MODEL_NAME at the "
+                               "top of this file, or LLAMA_CHECKPOINT_DIR\n")
+
+
 def test_minimal_script_says_it_takes_no_arguments():
     finished = run_python(["minimal_run_inference.py", "--help"])
     assert finished.returncode == 1 and "takes no arguments (got --help)" in finished.stderr

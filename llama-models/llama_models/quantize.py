@@ -33,7 +33,7 @@ from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # n
 from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
-from .reshard import check_destination, new_folder, run_tool  # noqa: E402
+from .reshard import check_destination, new_folder, note_if_instruct_is_dropped, run_tool  # noqa: E402
 
 WEIGHTS_FILE = "consolidated.00.pth"
 
@@ -234,10 +234,7 @@ def main(argv: list = None) -> int:
         return 130
     size = (options.dst.expanduser() / WEIGHTS_FILE).stat().st_size
     print(f"wrote {options.dst / WEIGHTS_FILE} ({size / 2**20:,.1f} MiB), params.json and tokenizer.model")
-    source_name = find_checkpoint_files(options.src).model_name
-    if "instruct" in source_name.lower() and "instruct" not in options.dst.name.lower():
-        print(f"note: run_inference.py uses the chat format when a folder's name says Instruct, and {options.dst.name} "
-              f"does not: rename it (e.g. {source_name}-{options.scheme}) or set IS_INSTRUCT = True")
+    note_if_instruct_is_dropped(options.src, options.dst, options.scheme)
     return 0
 
 

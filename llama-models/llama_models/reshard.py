@@ -56,7 +56,7 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
     args = ModelArgs.from_json_file(files.params)
     if args.quantization:
         raise LlamaError(f"{files.folder} is quantized ({args.quantization['scheme']}): torchrun loads it as it is, "
-                         "any process count that fits; or reshard the bfloat16 checkpoint and quantize that")
+                         "with any process count that fits (each process cuts its slice from the one file)")
     check_world_size(args, len(files.shards), n_shards, files.folder)
 
     loaded_args = args_for_model_parallel(args, n_shards)  # what the loader would build for N processes
@@ -137,6 +137,9 @@ def run_tool(main: Callable[[], int]) -> None:
     try:
         code = main()
     except Killed as killed:
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) may take no more lines
+            print(f"error: stopped by {signal.Signals(killed.number).name}: what this run wrote is removed",
+                  file=sys.stderr)
         signal.signal(killed.number, signal.SIG_DFL)
         os.kill(os.getpid(), killed.number)
         code = 128 + killed.number  # where the signal is not fatal after all
@@ -265,7 +268,16 @@ def main(argv: list = None) -> int:
     except KeyboardInterrupt:
         print(f"error: interrupted: nothing was left in {options.dst}", file=sys.stderr)
         return 130
+    note_if_instruct_is_dropped(options.src, options.dst, f"mp{options.n}")
     return 0
+
+
+def note_if_instruct_is_dropped(src: Path, dst: Path, suffix: str) -> None:
+    """run_inference.py picks the chat format by the folder's name: say so where a copy's name loses it."""
+    source_name = find_checkpoint_files(src).model_name
+    if "instruct" in source_name.lower() and "instruct" not in dst.name.lower():
+        print(f"note: run_inference.py uses the chat format when a folder's name says Instruct, and {dst.name} "
+              f"does not: rename it (e.g. {source_name}-{suffix}) or set IS_INSTRUCT = True")
 
 
 if __name__ == "__main__":

@@ -220,8 +220,8 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
     folder = Path(ckpt_dir).expanduser()
     if not folder.is_dir():
         raise LlamaError(
-            f"checkpoint folder {folder} not found: point to the folder holding params.json, "
-            "tokenizer.model and consolidated.00.pth (e.g. ~/.llama/checkpoints/Llama3.2-1B-Instruct)"
+            f"checkpoint folder {folder} not found: give a folder holding params.json, tokenizer.model and "
+            "consolidated.00.pth (Meta's downloader makes one per model under ~/.llama/checkpoints)"
         )
     if not (folder / "params.json").exists() and (folder / HF_SUBFOLDER / "params.json").is_file():
         folder = folder / HF_SUBFOLDER
