@@ -39,7 +39,8 @@ def main():
             raise LlamaError(f"{name} = {globals()[name]!r}: write a folder name in quotes")
     folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME)
     if not folder.is_dir():
-        raise LlamaError(f"no checkpoint folder at {folder}: set MODEL_NAME at the top of this file, or LLAMA_CHECKPOINT_DIR")
+        chosen_by = "LLAMA_CHECKPOINT_DIR" if os.environ.get("LLAMA_CHECKPOINT_DIR") else "MODEL_NAME and LLAMA_MODELS_DIR"
+        raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}")
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
     if len(files.shards) > 1:
         raise LlamaError(f"{files.folder} is split into several shards: run it with run_inference.py and torchrun")

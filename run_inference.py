@@ -29,17 +29,23 @@ from pathlib import Path
 
 
 def exit_interrupted(*_) -> None:
-    """Ctrl-C: end with exit code 130, as shells report a process ended by SIGINT, and no traceback."""
-    exit_with("interrupted", 130)
+    """Ctrl-C: end with exit code 130, as shells report a process ended by SIGINT, and no traceback.
+    Under torchrun every process gets it, and rank 0 alone says so."""
+    if torchrun_rank() == 0:
+        print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 
-def exit_with(message: str, code: int) -> None:
-    """One line on stderr and the exit code. Under torchrun every process meets the same error (or
-    Ctrl-C), and rank 0 alone says it, as it alone prints everything else; torchrun's own RANK
-    variable tells, since the error may come before torch.distributed starts."""
-    if os.environ.get("RANK", "0") == "0":
-        print(("\n" if code == 130 else "") + message, file=sys.stderr)
-    sys.exit(code)
+def exit_with_error(error: Exception) -> None:
+    """One line and exit code 1. Under torchrun each process says its own, other ranks than 0 with
+    their number: most errors are the same in every process, but a damaged shard is met only by
+    the process that reads it, and a missing folder only on the machine that lacks it."""
+    rank = torchrun_rank()
+    sys.exit(("" if rank == 0 else f"[rank {rank}] ") + f"error: {error}")
+
+
+def torchrun_rank() -> int:  # torchrun's RANK variable: the error may come before torch.distributed starts
+    return int(os.environ.get("RANK", "0"))
 
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly; main() restores it
@@ -712,10 +718,10 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
     # ended at MAX_NEW_TOKENS, or been stopped); the next turn prefills from there. No answer: the prefill
     # may not have finished, so only what was cached before is sure.
     conversation.cached = len(prompt) + len(answer) - 1 if answer else reused
-    if is_main:  # the first token comes from the prefill; the rest each took one decode step
-        rate = f", decode {(len(answer) - 1) / (finished - first_token):.1f} tokens/s" if first_token and len(answer) > 1 else ""
+    if is_main:
+        rate = decode_rate(len(answer), first_token, finished)
         print(f"[prefilled {len(prompt) - reused}, reused {reused}, answer {len(answer)} tokens in "
-              f"{finished - started:.1f} s{rate}]\n")
+              f"{finished - started:.1f} s" + (f", decode {rate:.1f} tokens/s" if rate else "") + "]\n")
 
 
 def check_chat(model_name: str) -> None:
@@ -775,7 +781,7 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
 
 def next_token_alternatives(logits: torch.Tensor, k: int) -> tuple:
     """(ids, probabilities) of the k most likely next tokens, and the entropy in bits.   logits: (vocab,)"""
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)  # the output layer's own result, in the weights' dtype
     entropy_bits = float(torch.special.entr(probs).sum()) / math.log(2)  # entr(p) = -p ln p
     top = probs.topk(min(k, probs.numel()))
     return top.indices.tolist(), top.values.tolist(), entropy_bits
@@ -1166,8 +1172,17 @@ def print_timing(prompt_length: int, generated: int, started: float, first_token
     if first_token is None:
         return
     print(f"prefill: {first_token - started:.2f} s ({prompt_length / (first_token - started):.1f} tokens/s)")
-    if generated > 1:  # the first token came from the prefill; the rest each took one decode step
-        print(f"decode: {(generated - 1) / (finished - first_token):.2f} tokens/s")
+    rate = decode_rate(generated, first_token, finished)
+    if rate:
+        print(f"decode: {rate:.2f} tokens/s")
+
+
+def decode_rate(generated: int, first_token: float, finished: float):
+    """Tokens a second after the first (which came from the prefill; each later one took one decode
+    step), or None where there were none."""
+    if first_token is None or generated < 2:
+        return None
+    return (generated - 1) / (finished - first_token)
 
 
 def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> None:
@@ -1260,7 +1275,7 @@ def main(arguments=()) -> None:
                              "LLAMA_CHECKPOINT_DIR=...")
         run()
     except LlamaError as error:
-        exit_with(f"error: {error}", 1)
+        exit_with_error(error)
     except KeyboardInterrupt:
         exit_interrupted()
 

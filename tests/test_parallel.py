@@ -7,6 +7,7 @@ tests/parallel_worker.py with gloo on the CPU, in float32, and compare with this
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_an_int4_folder_names_its_groups_as_what_a_process_count_would_cut():
     args = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, quantization={"scheme": "int4",
                                                                                                  "group_size": 128})
     with pytest.raises(LlamaError, match=r"cannot be split 2 ways: its int4 groups of 128 inputs would be cut "
-                                         r"\(128 inputs make 64 a process\); only 1 process \(or shard\) fits"):
+                                         r"\(128 inputs, 64 a process\); only 1 process fits$"):
         args_for_model_parallel(args, 2)
 
 
@@ -301,16 +302,30 @@ def test_run_inference_script_under_torchrun_prints_what_one_process_prints(shar
     assert one.strip() and one == two
 
 
-def test_an_error_under_torchrun_is_said_once(sharded, tmp_path):
-    """Both processes meet the missing folder; rank 0 alone prints the line (torchrun then adds its
-    own report of the failed processes)."""
+def test_an_error_under_torchrun_is_said_by_each_process_with_its_rank(sharded, tmp_path):
+    """Both processes meet the missing folder: rank 0's line as in one process, rank 1's with its
+    number (torchrun then adds its own report of the failed processes)."""
     environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(tmp_path / "no-such-folder"), "OMP_NUM_THREADS": "1",
                                 "TMPDIR": str(tmp_path)}
     finished = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                "run_inference.py"], capture_output=True, text=True, timeout=180, env=environment,
                               cwd=Path(__file__).resolve().parents[1])
     assert finished.returncode != 0
-    assert finished.stderr.count(f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}") == 1
+    line = f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}"
+    lines = finished.stderr.splitlines()
+    assert sum(text.startswith(line) for text in lines) == 1 and sum(text.startswith(f"[rank 1] {line}") for text in lines) == 1
+
+
+def test_a_damaged_shard_is_named_by_the_process_that_reads_it(sharded, tmp_path):
+    folder = shutil.copytree(sharded[2], tmp_path / "damaged")
+    shard = folder / "consolidated.01.pth"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(folder), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    finished = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "run_inference.py"], capture_output=True, text=True, timeout=180, env=environment,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert finished.returncode != 0
+    assert f"[rank 1] error: {shard} could not be read as PyTorch weights" in finished.stderr
 
 
 def test_chat_under_torchrun_answers_as_one_process_does(sharded, tmp_path):

@@ -614,8 +614,11 @@ def test_minimal_script_names_both_culprits_of_an_answer_beyond_the_context(tiny
 def test_minimal_script_names_a_missing_folder_and_the_settings_that_choose_it(tmp_path):
     finished = run_python(["minimal_run_inference.py"], checkpoint=tmp_path / "no-such-folder")
     assert finished.returncode == 1
-    assert finished.stderr == (f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}: set MODEL_NAME at the "
-                               "top of this file, or LLAMA_CHECKPOINT_DIR\n")
+    assert finished.stderr == f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}: correct LLAMA_CHECKPOINT_DIR\n"
+    code = ("import minimal_run_inference as m\nm.LLAMA_MODELS_DIR = " + repr(str(tmp_path)) + "\nm.MODEL_NAME = 'nope'\n"
+            "try:\n    m.main()\nexcept m.LlamaError as error:\n    print(error)")
+    finished = run_python(["-c", code])
+    assert finished.stdout.strip().endswith(": correct MODEL_NAME and LLAMA_MODELS_DIR"), finished.stdout
 
 
 def test_minimal_script_says_it_takes_no_arguments():

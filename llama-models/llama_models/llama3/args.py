@@ -94,20 +94,20 @@ class ModelArgs:
         an int4 one without a group size gets the default here, so that every reader finds one."""
         from .quantize import GROUP_SIZE, INT4_GROUP_SIZES, STORED_SCHEMES  # here: quantize.py imports this module
 
-        if self.quantization is None:
-            return
         q = self.quantization
-        int4 = isinstance(q, dict) and q.get("scheme") == "int4"
-        if not (isinstance(q, dict) and q.get("scheme") in STORED_SCHEMES
-                and set(q) <= ({"scheme", "group_size"} if int4 else {"scheme"})
-                and (not int4 or type(q.get("group_size", GROUP_SIZE)) is int
-                     and q.get("group_size", GROUP_SIZE) in INT4_GROUP_SIZES)):
+        if q is None:
+            return
+        scheme = q.get("scheme") if isinstance(q, dict) else None
+        group_size = q.get("group_size", GROUP_SIZE) if scheme == "int4" else None
+        allowed_keys = {"scheme", "group_size"} if scheme == "int4" else {"scheme"}
+        if (scheme not in STORED_SCHEMES or not set(q) <= allowed_keys
+                or (scheme == "int4" and (type(group_size) is not int or group_size not in INT4_GROUP_SIZES))):
             sizes = ", ".join(map(str, INT4_GROUP_SIZES))
             raise LlamaError(f"quantization is {q!r} in params.json: llama_models.quantize writes "
                              f'{{"scheme": "int8"}} or {{"scheme": "int4", "group_size": N}} (N one of {sizes}); '
                              "restore the params.json it wrote, or quantize the checkpoint again")
-        if int4:
-            self.quantization = {"scheme": "int4", "group_size": q.get("group_size", GROUP_SIZE)}
+        if scheme == "int4":
+            self.quantization = {"scheme": "int4", "group_size": group_size}
 
     def _check_runtime_sizes(self):
         """max_seq_len and max_batch_size come from whoever runs the model, not from params.json."""

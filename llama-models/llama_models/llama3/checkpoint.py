@@ -80,9 +80,9 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     """
     if dtype is None:
         return torch.bfloat16 if _supports_bfloat16(device) else torch.float16
-    if dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
-    if not isinstance(dtype, str) or dtype not in DTYPES:  # torch.int8 too: the weights are floating point
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # torch.int8 too: weights are floating-point numbers
         raise LlamaError(f"unknown dtype {dtype!r}: use None or one of {', '.join(repr(name) for name in DTYPES)}")
     return DTYPES[dtype]
 

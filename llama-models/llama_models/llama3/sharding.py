@@ -120,8 +120,7 @@ def why_world_size_does_not_fit(args: ModelArgs, n_shards: int, world_size: int)
     group_size = (args.quantization or {}).get("group_size")
     for width in (args.dim, args.ffn_hidden_dim) if group_size else ():
         if (width // world_size) % group_size:
-            return (f"its int4 groups of {group_size} inputs would be cut ({width} inputs make {width // world_size} "
-                    "a process)")
+            return f"its int4 groups of {group_size} inputs would be cut ({width} inputs, {width // world_size} a process)"
     return None
 
 
@@ -139,10 +138,10 @@ def check_world_size(args: ModelArgs, n_shards: int, world_size: int, folder: Pa
     reason = why_world_size_does_not_fit(args, n_shards, world_size)
     if reason is not None:
         sizes = valid_world_sizes(args, n_shards)
-        counts = (f"use one of {', '.join(map(str, sizes))} processes (or shards)" if len(sizes) > 1
-                  else "only 1 process (or shard) fits")
-        what = f"{folder}" if folder is not None else "the model"
-        raise LlamaError(f"{what} cannot be split {world_size} ways: {reason}; {counts}")
+        # A folder's check serves the reshard tool too, whose count is of shards.
+        counts = (f"use one of {', '.join(map(str, sizes))} processes" if len(sizes) > 1 else "only 1 process fits")
+        what, or_shards = (folder, " (or shards)") if folder is not None else ("the model", "")
+        raise LlamaError(f"{what} cannot be split {world_size} ways: {reason}; {counts}{or_shards}")
 
 
 def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
@@ -174,12 +173,11 @@ def read_shard(path: Path) -> dict:
                 "holds only tensors and loading one never runs code, so this file is not loaded; download "
                 "the checkpoint again from Meta"
             ) from None
-        # The file system's reason helps (permission denied); PyTorch's about a damaged zip does not:
-        # it asks to re-save the file with other options, or calls itself an internal error.
-        reason = f" ({first_line(error)})" if isinstance(error, OSError) else ""
+        if isinstance(error, OSError):  # the file system's reason, such as permission denied
+            raise LlamaError(f"{path} could not be read ({first_line(error)}): check that this user may read it") from None
+        # PyTorch's own text for a damaged zip asks to re-save the file, or calls itself an internal error.
         raise LlamaError(
-            f"{path} could not be read as PyTorch weights{reason}: "
-            "the file is truncated or not a checkpoint; download it again"
+            f"{path} could not be read as PyTorch weights: the file is truncated or not a checkpoint; download it again"
         ) from None
     if not isinstance(state_dict, dict):
         raise LlamaError(f"{path} holds a {type(state_dict).__name__}, not a dict of tensors: it is not a Llama checkpoint")
