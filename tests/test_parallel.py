@@ -83,7 +83,7 @@ def test_an_int4_folder_names_its_groups_as_what_a_process_count_would_cut():
     args = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, quantization={"scheme": "int4",
                                                                                                  "group_size": 128})
     with pytest.raises(LlamaError, match=r"cannot be split 2 ways: its int4 groups of 128 inputs would be cut "
-                                         r"\(128 inputs, 64 a process\); only 1 process fits$"):
+                                         r"\(128 inputs, 64 a process\); only 1 fits$"):
         args_for_model_parallel(args, 2)
 
 

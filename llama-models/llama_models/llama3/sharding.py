@@ -139,9 +139,9 @@ def check_world_size(args: ModelArgs, n_shards: int, world_size: int, folder: Pa
     if reason is not None:
         sizes = valid_world_sizes(args, n_shards)
         # A folder's check serves the reshard tool too, whose count is of shards.
-        counts = (f"use one of {', '.join(map(str, sizes))} processes" if len(sizes) > 1 else "only 1 process fits")
-        what, or_shards = (folder, " (or shards)") if folder is not None else ("the model", "")
-        raise LlamaError(f"{what} cannot be split {world_size} ways: {reason}; {counts}{or_shards}")
+        what, unit = (folder, "processes (or shards)") if folder is not None else ("the model", "processes")
+        counts = f"use one of {', '.join(map(str, sizes))} {unit}" if len(sizes) > 1 else "only 1 fits"
+        raise LlamaError(f"{what} cannot be split {world_size} ways: {reason}; {counts}")
 
 
 def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
