@@ -76,7 +76,8 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     Decoding reads every weight once per token, so it runs at memory speed: bfloat16 (the
     checkpoint's own dtype, 2 bytes) is read twice as fast as float32 and needs half the memory
     (8B: 16 GB instead of 32 GB). It also loads with no conversion (README, "Speed and memory,
-    measured", has both dtypes' figures). GPUs without bfloat16 (before NVIDIA Ampere, Macs before macOS 14) get float16.
+    measured", has both dtypes' figures). GPUs without bfloat16 (before NVIDIA Ampere, Macs before
+    macOS 14) get float16.
     """
     if dtype is None:
         return torch.bfloat16 if _supports_bfloat16(device) else torch.float16
