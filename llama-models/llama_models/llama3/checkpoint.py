@@ -73,9 +73,10 @@ def resolve_device(name: Union[str, torch.device]) -> torch.device:
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
     """The weights' dtype: as asked, or (None) bfloat16 where the device supports it.
 
-    Decoding reads every weight once per token, so it runs at memory speed: bfloat16 (the
-    checkpoint's own dtype, 2 bytes) is read twice as fast as float32 and needs half the memory
-    (8B: 16 GB instead of 32 GB). It also loads with no conversion (README, "Speed and memory,
+    Decoding reads every weight once per token: bfloat16 (the checkpoint's own dtype, 2 bytes) has
+    half float32's bytes to read, so it can decode up to twice as fast where memory sets the pace
+    (where the CPU converts each bfloat16 weight as it multiplies, less), and it needs half the
+    memory (8B: 16 GB instead of 32 GB). It also loads with no conversion (README, "Speed and memory,
     measured", has both dtypes' figures). GPUs without bfloat16 (before NVIDIA Ampere, Macs before
     macOS 14) get float16.
     """
@@ -210,7 +211,7 @@ class CheckpointFiles:
 
 
 # Hugging Face's copy of a Meta checkpoint keeps Meta's files in a subfolder:
-# huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --include "original/*" --local-dir Llama-3.2-1B-Instruct
+# hf download meta-llama/Llama-3.2-1B-Instruct --include "original/*" --local-dir Llama-3.2-1B-Instruct
 # gives Llama-3.2-1B-Instruct/original/{params.json, tokenizer.model, consolidated.00.pth}.
 HF_SUBFOLDER = "original"
 

@@ -129,7 +129,7 @@ def fits_world_size(args: ModelArgs, n_shards: int, world_size: int) -> bool:
 
 
 def valid_world_sizes(args: ModelArgs, n_shards: int = 1) -> list[int]:
-    """The process counts that work (at most one query head per process). 70B, 8 shards: 1 2 4 ... 64."""
+    """The process counts that work (at least one query head per process). 70B, 8 shards: 1 2 4 ... 64."""
     return [size for size in range(1, args.n_heads + 1) if fits_world_size(args, n_shards, size)]
 
 

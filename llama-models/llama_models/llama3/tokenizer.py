@@ -40,7 +40,8 @@ PRE_TOKENIZER_PATTERN = (
 NUM_SPECIAL_TOKENS = 256
 
 # The special tokens with a job, in id order (the first gets id n_base_tokens). The names are
-# those of Llama 3.1 and later; the remaining slots are reserved_special_token_2, 3, ...
+# those of llama-models since Llama 3.2, which named 128011 <|image|>; the remaining slots are
+# reserved_special_token_2, 3, ...
 NAMED_SPECIAL_TOKENS = (
     "<|begin_of_text|>",  # BOS: starts every prompt
     "<|end_of_text|>",  # EOS: a base model ends its text with it
