@@ -77,6 +77,22 @@ def test_candidates_that_apply_to_each_kind():
     assert "row blocks" in names(1, output_layer)
 
 
+def test_a_new_kind_of_weight_gets_no_dequantizing_candidate_until_it_says_it_can():
+    """A QuantizedWeight subclass that implements no `rows` must never meet "dequantized" or "float32
+    blocks", which would call it: the safe default is the base class's."""
+    from llama_models.llama3.quantize import QuantizedWeight
+
+    class Opaque(QuantizedWeight):
+        kind, out_features, in_features = "opaque", 96, 64
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("numbers", torch.empty(96, 64, dtype=BF16))
+
+    x = torch.empty(40, 64, dtype=BF16)  # a prompt: where a matrix that can be is dequantized
+    assert [kernel.name for kernel in products.CPU_KERNELS if kernel.applies(x, Opaque())] == []
+
+
 class FakeClock:
     """A clock that each fake kernel advances by its own cost, so the fastest is known in advance."""
 

@@ -16,7 +16,8 @@ adds the communication. The local sizes below
 (`n_local_heads`, ...) are the per-process share.
 
 Shapes use: batch, seq (tokens in this call), kv_len (tokens cached so far plus this call),
-dim, n_heads, n_kv_heads, head_dim (= dim / n_heads), vocab.
+dim, n_heads, n_kv_heads, head_dim (= dim / n_heads), vocab. With N processes the head counts and
+ffn_hidden_dim in them are each process's share (n_local_heads = n_heads / N, ...).
 """
 
 import math
@@ -351,6 +352,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x, start_pos, cos, sin, mask):  # (batch, seq, dim) -> same
+        # h, the residual stream between the two sub-layers, is no module's output: a forward
+        # pre-hook on ffn_norm sees it.
         h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 

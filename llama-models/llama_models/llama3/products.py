@@ -79,9 +79,10 @@ only if it gives the dequantized product (`built_in_kernel_agrees`). Where it do
 int8 as a second candidate, "dequantized" converts the matrix back for each product. The timing
 there waits for the device to finish each product.
 
-A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel whose `applies`
-accepts its weights, so that the same trials pick among them. Attention, the model's other
-product, is chosen by the same mechanism among its own candidates (the last section below).
+A new kind of weight (quantized, packed) plugs in as more candidates: a Kernel in CPU_KERNELS (or
+DEVICE_KERNELS) whose `applies` accepts its weights, so that the same trials pick among them.
+Attention, the model's other product, is chosen by the same mechanism among its own candidates
+(the last section below).
 """
 
 import contextlib

@@ -54,7 +54,13 @@ INNER_K_TILES = 8  # torch._convert_weight_to_int4pack (CUDA, MPS): 16-input til
 
 
 class QuantizedWeight(nn.Module):
-    """A quantized (out, in) matrix: what products.linear and products.embedding dispatch on."""
+    """A quantized (out, in) matrix: what products.linear and products.embedding dispatch on.
+
+    A new kind subclasses this, with its numbers in buffers (an nn.Module's `.to(dtype)` casts every
+    floating-point buffer: right for scales, which are kept in the model's dtype; a kind with other
+    floating buffers overrides `scales_dtype` and `_apply`, as Float16Weight does), and adds its
+    kernels to products.py's CPU_KERNELS or DEVICE_KERNELS.
+    """
 
     kind: str  # "int8", "int4" or "fp16", as in SCHEMES
     out_features: int
@@ -70,7 +76,8 @@ class QuantizedWeight(nn.Module):
 
     @property
     def scales_dtype(self) -> torch.dtype:
-        """The model's dtype, in which the scales are stored and the activations computed."""
+        """The model's dtype, in which the scales are stored and the activations computed: that of
+        the first floating-point buffer, which for int8 and int4 is the scales."""
         return next(buffer.dtype for buffer in self.buffers() if buffer.is_floating_point())
 
     @property
@@ -92,13 +99,14 @@ class QuantizedWeight(nn.Module):
 
     @property
     def can_dequantize(self) -> bool:
-        """Whether a product may convert the whole matrix back, for its length."""
-        return True
+        """Whether a prompt's product on the CPU may convert the whole matrix back (`rows`) for its
+        length: a kind that implements `rows` says so."""
+        return False
 
     @property
     def can_dequantize_rows(self) -> bool:
-        """Whether a product may convert it back a block of rows at a time (`float32_rows`)."""
-        return self.can_dequantize
+        """Whether it may convert it back a block of rows at a time (`float32_rows`)."""
+        return False
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in)
         return self.rows(torch.arange(self.shape[0], device=self.device), dtype)
@@ -138,6 +146,8 @@ class Int8Weight(QuantizedWeight):
     def empty(cls, out: int, width: int, dtype: torch.dtype) -> "Int8Weight":
         """Shapes only, on the meta device, for a quantized checkpoint to fill."""
         return cls(torch.empty(out, width, dtype=torch.int8, device="meta"), torch.empty(out, dtype=dtype, device="meta"))
+
+    can_dequantize = can_dequantize_rows = True
 
     def rows(self, ids, dtype):
         return self.values[ids].to(dtype) * self.scales[ids, None].to(dtype)
@@ -379,10 +389,7 @@ class Float16Weight(QuantizedWeight):
         parts = [torch.ops.quantized.linear_dynamic_fp16(x, block) for block in self.blocks]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(self.model_dtype)
 
-    @property
-    def can_dequantize(self) -> bool:  # for a prompt too: unpacking would only add work to the same sums
-        return False
-
+    # Not `can_dequantize`, for a prompt either: unpacking would only add work to the same sums.
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in): the weights back, block by block
         out = torch.empty(self.shape, dtype=dtype)
         for rows, block in zip(row_blocks(self.out_features, FLOAT16_BLOCK_ROWS), self.blocks):
@@ -416,7 +423,9 @@ def quantized(weight: torch.Tensor, scheme: str, group_size: int = GROUP_SIZE, l
         return Int8Weight.from_float(weight)
     if scheme == "fp16":
         return Float16Weight.from_float(weight)
-    return Int4Weight.from_float(weight, group_size, looked_up)
+    if scheme == "int4":
+        return Int4Weight.from_float(weight, group_size, looked_up)
+    raise ValueError(f"no quantized form for {scheme!r}")  # check_scheme names the schemes to the user
 
 
 def empty_quantized(out: int, width: int, dtype: torch.dtype, scheme: str, group_size: int = GROUP_SIZE,
@@ -424,7 +433,9 @@ def empty_quantized(out: int, width: int, dtype: torch.dtype, scheme: str, group
     """An (out, width) `scheme` matrix with scales in `dtype`, of shapes only (the meta device)."""
     if scheme == "int8":
         return Int8Weight.empty(out, width, dtype)
-    return Int4Weight.empty(out, width, dtype, group_size, looked_up)
+    if scheme == "int4":
+        return Int4Weight.empty(out, width, dtype, group_size, looked_up)
+    raise ValueError(f"a file holds no {scheme!r} matrices")  # STORED_SCHEMES
 
 
 def row_blocks(weight_or_rows, block: int = 4096):
