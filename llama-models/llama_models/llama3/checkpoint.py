@@ -176,6 +176,29 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+@contextlib.contextmanager
+def every_process_or_none(what: str):
+    """Run a step that only some processes may fail (each reads its own shard), and then let every
+    process know whether all succeeded: where one fails, the others stop with one line naming
+    `what`, instead of a traceback about a closed connection at their next collective operation."""
+    try:
+        yield
+    except LlamaError:
+        _all_processes_succeeded(False)
+        raise
+    if not _all_processes_succeeded(True):
+        raise LlamaError(f"another process could not {what} (its own line says why)")
+
+
+def _all_processes_succeeded(succeeded: bool) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return succeeded
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(succeeded)], device=on)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """Overwrite `tokens` in every process with rank 0's values, and return it.
 
@@ -339,8 +362,9 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     rank, world_size = model_parallel_rank_and_size()
     check_world_size(model.args, len(files.shards), world_size, files.folder)
     weights = files.shards[0] if len(files.shards) == 1 else files.folder  # named in error messages
-    state_dict = local_state_dict(files.shards, rank, world_size, model.args)
-    tensors = match_checkpoint_to_model(state_dict, model, weights)
+    with every_process_or_none("read its part of the weights"):
+        state_dict = local_state_dict(files.shards, rank, world_size, model.args)
+        tensors = match_checkpoint_to_model(state_dict, model, weights)
     # From here on `tensors` holds the only reference to each tensor read, so a tensor glued from
     # several shards (a copy in ordinary memory) is freed as soon as its converted copy replaces it.
     del state_dict
