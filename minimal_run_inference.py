@@ -34,6 +34,8 @@ MAX_NEW_TOKENS = 128  # stop after this many tokens unless the model ends its an
 
 
 def main():
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: each process would run the whole model alone
+        raise LlamaError("minimal_run_inference.py runs as one process: under torchrun, use run_inference.py")
     for name in ("MODEL_NAME", "LLAMA_MODELS_DIR"):
         if not isinstance(globals()[name], str):
             raise LlamaError(f"{name} = {globals()[name]!r}: write a folder name in quotes")
@@ -43,7 +45,8 @@ def main():
         raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}")
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
     if len(files.shards) > 1:
-        raise LlamaError(f"{files.folder} is split into several shards: run it with run_inference.py and torchrun")
+        raise LlamaError(f"{files.folder} is split into several shards: run_inference.py merges them (or splits them "
+                         "over torchrun's processes)")
     device = resolve_device(DEVICE)
 
     # 2. Start torch.distributed and fairscale (a group of one process)

@@ -99,7 +99,7 @@ BEAM_WIDTH = 4  # beam search: hypotheses kept at each step
 LENGTH_PENALTY = 1.0  # beam search: score = log-probability / length**LENGTH_PENALTY
 TEMPERATURE = 0.6  # sampling: below 1 sharpens the distribution, above 1 flattens it (Meta's default)
 TOP_P = 0.9  # sampling: draw only from the smallest set of tokens holding this much probability
-SEED = 1  # sampling: the same seed gives the same text
+SEED = 1  # sampling: the same seed draws the same numbers (the text can still differ: README, Run a model)
 
 SHOW_TOKENS = False  # greedy/sample: a table of generated tokens (id, probability, text) instead of text
 
@@ -154,7 +154,7 @@ def check_settings() -> None:
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
     if QUANTIZE not in (None, *SCHEMES):
         raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, 'int8', 'int4' or 'fp16'")
-    if ATTENTION_PNG:  # now, not after the model has loaded and answered
+    if ATTENTION_PNG is not None:  # now, not after the model has loaded and answered
         check_attention_png(Path(ATTENTION_PNG).expanduser())
 
 
@@ -165,9 +165,14 @@ def check_range(name: str, value, low, high) -> None:  # None: no bound on that 
 
 
 def check_attention_png(path: Path) -> None:
+    if path.suffix.lower() != ".png" or path.is_dir():  # matplotlib would add .png, or choose by the suffix
+        raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: name a file ending in .png (or None: no picture)")
     if not path.parent.is_dir():
         raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: the folder {path.parent} does not exist; create it "
                          "or name a file in one that does")
+    if not os.access(path.parent, os.W_OK):
+        raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: this user may not write in {path.parent}; name a "
+                         "file in a folder of yours")
     if not matplotlib_installed():
         raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r} draws with matplotlib, which is not installed: "
                          "pip install matplotlib, or set ATTENTION_PNG = None")
@@ -235,13 +240,14 @@ def start_processes(device: torch.device) -> tuple[torch.device, bool]:
 
 
 def checkpoint_folder() -> Path:
-    folder = os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME
-    folder = Path(folder).expanduser()
+    from_environment = os.environ.get("LLAMA_CHECKPOINT_DIR")
+    folder = Path(from_environment or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME).expanduser()
     if not folder.is_dir():
-        raise LlamaError(
-            f"no checkpoint folder at {folder}: set MODEL_NAME and LLAMA_MODELS_DIR at the top of "
-            f"{Path(__file__).name}, or the LLAMA_CHECKPOINT_DIR environment variable"
-        )
+        fix = ("correct the LLAMA_CHECKPOINT_DIR environment variable, which names it (or unset it to use "
+               "MODEL_NAME and LLAMA_MODELS_DIR)" if from_environment else
+               f"set MODEL_NAME and LLAMA_MODELS_DIR at the top of {Path(__file__).name}, or the "
+               "LLAMA_CHECKPOINT_DIR environment variable")
+        raise LlamaError(f"no checkpoint folder at {folder}: {fix}")
     return folder
 
 
@@ -503,8 +509,8 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, tempera
     """Yield (token, probability) pairs drawn at random from the temperature-scaled, top-p-cut
     distribution; the probability is the token's in that distribution. Under torchrun every process
     uses the same seed and sees the same logits, so all draw the same tokens."""
-    if temperature <= 0:  # no randomness left: the most likely token every time
-        return greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens, cached)
+    if temperature <= 0:  # no randomness left: the most likely token every time, drawn with probability 1
+        return ((token, 1.0) for token, _ in greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens, cached))
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
 
     def draw(logits: torch.Tensor) -> tuple:
@@ -691,7 +697,8 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
     user = chat_format.encode_message({"role": "user", "content": text}) + chat_format.encode_header("assistant")
     if len(conversation.start) + len(user) + MAX_NEW_TOKENS > context:
         if is_main:
-            print(f"(that message is {len(user)} tokens: with the system prompt and room for an answer of "
+            beside = "the system prompt and " if SYSTEM_PROMPT else ""
+            print(f"(that message is {len(user)} tokens: with {beside}room for an answer of "
                   f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS} it does not fit CHAT_CONTEXT = {context}; send a shorter one)")
         return
     dropped = fit_into_context(conversation, user, MAX_NEW_TOKENS, context)
@@ -751,6 +758,9 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
     if SYSTEM_PROMPT:
         start += ChatFormat(tokenizer).encode_message({"role": "system", "content": SYSTEM_PROMPT})
     conversation = Conversation(start)
+    if is_main and sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # Python without it (Windows): input() as it is
+            import readline  # noqa: F401  input() then edits the line (arrow keys, history), and takes any length
     if is_main:
         print(f"chat: one message per line (end a line with \\ to go on on the next), /reset, /exit or "
               f"Ctrl-D to end; the dialog keeps up to CHAT_CONTEXT = {model.args.max_seq_len} tokens\n")
@@ -764,6 +774,9 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
             conversation.reset()
             if is_main:
                 print("(a new conversation)\n")
+        elif text.strip().startswith("/") and len(text.split()) == 1:  # /quit, /help: meant for us, not the model
+            if is_main:
+                print(f"(unknown command {text.strip()}: the commands are /reset and /exit)\n")
         elif text.strip():
             chat_turn(model, tokenizer, conversation, text, is_main, turn)
 
@@ -809,7 +822,7 @@ def alternatives_shown(model):
 
 def alternatives_text(tokenizer: Tokenizer, alternatives: tuple) -> str:
     ids, probs, entropy_bits = alternatives
-    candidates = "  ".join(f"{token_text(tokenizer, token)} {prob:.1%}" for token, prob in zip(ids, probs))
+    candidates = "  ".join(f"{token_text(tokenizer, token)} {prob:.2%}" for token, prob in zip(ids, probs))
     return f"{entropy_bits:>7.2f}  {candidates}"
 
 
@@ -1117,7 +1130,7 @@ def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> Non
         rows = logit_lens(model, prompt)
         if is_main:
             print_logit_lens(rows, tokenizer)
-    if ATTENTION_PNG:
+    if ATTENTION_PNG is not None:
         attention = last_layer_attention(model, prompt)
         if is_main:
             save_attention_png(attention, tokenizer, prompt, ATTENTION_PNG)
@@ -1168,7 +1181,7 @@ def print_beams(beams: list, tokenizer: Tokenizer) -> None:
 
 
 def print_timing(prompt_length: int, generated: int, started: float, first_token: float, finished: float):
-    print(f"\nprompt: {prompt_length} tokens, generated: {generated} tokens")
+    print(f"\nprompt: {prompt_length} tokens, generated: {generated} token{'s' if generated != 1 else ''}")
     if first_token is None:
         return
     print(f"prefill: {first_token - started:.2f} s ({prompt_length / (first_token - started):.1f} tokens/s)")

@@ -147,6 +147,13 @@ def test_script_chats_by_sampling_and_shows_alternatives(tiny_checkpoint):
     assert finished.stdout.count("entropy  alternatives") == 2  # one table per answer
 
 
+def test_an_unknown_command_is_named_not_sent_to_the_model(tiny_checkpoint):
+    finished = run_chat(tiny_checkpoint("gqa4"), "/quit\n/usr/bin is a folder\n", "r.IS_INSTRUCT = True")
+    assert finished.returncode == 0, finished.stderr
+    assert "(unknown command /quit: the commands are /reset and /exit)" in finished.stdout
+    assert finished.stdout.count("[prefilled") == 1  # only the message of several words was answered
+
+
 @pytest.mark.parametrize("settings, culprit", [
     ("r.IS_INSTRUCT = False", "IS_INSTRUCT = False says this is not one"),
     ("r.IS_INSTRUCT = None", "has no 'Instruct' in its name"),

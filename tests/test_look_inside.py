@@ -129,6 +129,10 @@ def test_attention_png_is_checked_before_anything_runs(monkeypatch, tmp_path):
     monkeypatch.setattr(run_inference, "ATTENTION_PNG", str(tmp_path / "no-such-folder" / "a.png"))
     with pytest.raises(run_inference.LlamaError, match="no-such-folder does not exist"):
         run_inference.check_settings()
+    for not_a_png in ("", str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a.txt")):  # matplotlib: a.png, a.txt fails
+        monkeypatch.setattr(run_inference, "ATTENTION_PNG", not_a_png)
+        with pytest.raises(run_inference.LlamaError, match="name a file ending in .png"):
+            run_inference.check_settings()
     monkeypatch.setattr(run_inference, "ATTENTION_PNG", str(tmp_path / "a.png"))
     monkeypatch.setattr(run_inference, "matplotlib_installed", lambda: False)
     with pytest.raises(run_inference.LlamaError, match="matplotlib, which is not installed: pip install matplotlib"):

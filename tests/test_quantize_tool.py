@@ -154,6 +154,30 @@ def test_a_matrix_of_whole_numbers_is_refused(tiny_checkpoint, tmp_path, capsys)
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("tool_main, arguments", [(tool.main, ["a", "b", "int4", "--group-size", "abc"]),
+                                                   (reshard.main, ["a", "b", "two"]), (reshard.main, [])],
+                         ids=["quantize", "reshard", "reshard without arguments"])
+def test_a_command_line_that_does_not_parse_is_one_line(capsys, tool_main, arguments):
+    with pytest.raises(SystemExit) as exit:
+        tool_main(arguments)
+    message = capsys.readouterr().err
+    assert exit.value.code == 2 and message.startswith("error: ") and message.count("\n") == 1 and "--help" in message
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf")])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_matrix_holding_nan_or_infinity_is_refused(tiny_checkpoint, tmp_path, capsys, number, scheme):
+    """Its row's scale would be NaN: a folder that loads, then answers nothing but nonsense."""
+    source = Path(shutil.copytree(tiny_checkpoint("gqa4"), tmp_path / "damaged"))
+    tensors = torch.load(source / "consolidated.00.pth", weights_only=True)
+    tensors["layers.2.feed_forward.w2.weight"][5, 7] = number
+    torch.save(tensors, source / "consolidated.00.pth")
+    assert tool.main([str(source), str(tmp_path / "new"), scheme]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "layers.2.feed_forward.w2.weight holds NaN or infinite numbers" in message
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("destination", ["inside source", "not empty"])
 def test_a_destination_that_would_overwrite_is_refused(tiny_checkpoint, tmp_path, capsys, destination):
     source = tiny_checkpoint("gqa4")
@@ -362,7 +386,8 @@ def test_a_killed_run_is_named_as_such(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_params_naming_the_other_scheme_is_named(quantized, tmp_path):
-    for quantization in ({"scheme": "int8"}, {"scheme": "int4", "group_size": 64}):
+    for quantization, said in (({"scheme": "int8"}, "params.json's scheme, int8, does not describe: "),
+                               ({"scheme": "int4", "group_size": 64}, "")):
         with_params(quantized("gqa4", "int4"), tmp_path / "swapped", lambda params: params | {"quantization": quantization})
-        with pytest.raises(LlamaError, match="params.json's \"quantization\" must say how"):
+        with pytest.raises(LlamaError, match=said + "(.*)params.json's \"quantization\" must say how"):
             load_llama(tmp_path / "swapped", max_seq_len=16)

@@ -319,8 +319,7 @@ def test_sample_with_temperature_zero_or_tiny_top_p_is_greedy(float32_model):
     greedy = greedy_without_cache(model, prompt, 8)
     cold = list(run_inference.sample(model, prompt, 8, frozenset(), temperature=0.0, top_p=0.9, seed=5))
     assert [token for token, _ in cold] == [token for token, _ in greedy]
-    for (_, our_probability), (_, probability) in zip(cold, greedy):
-        assert our_probability == pytest.approx(probability, rel=1e-4)
+    assert all(probability == 1.0 for _, probability in cold)  # drawn with certainty, as p(drawn) shows
     # top_p = 0 leaves only the most likely token, drawn with probability 1
     narrow = list(run_inference.sample(model, prompt, 8, frozenset(), temperature=1.0, top_p=0.0, seed=5))
     assert [token for token, _ in narrow] == [token for token, _ in greedy]
@@ -619,6 +618,33 @@ def test_minimal_script_names_a_missing_folder_and_the_settings_that_choose_it(t
             "try:\n    m.main()\nexcept m.LlamaError as error:\n    print(error)")
     finished = run_python(["-c", code])
     assert finished.stdout.strip().endswith(": correct MODEL_NAME and LLAMA_MODELS_DIR"), finished.stdout
+
+
+def test_run_inference_names_what_chose_a_missing_folder(tmp_path):
+    finished = run_python(["run_inference.py"], checkpoint=tmp_path / "no-such-folder")
+    assert finished.returncode == 1
+    assert finished.stderr.startswith(f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}: correct the "
+                                      "LLAMA_CHECKPOINT_DIR environment variable") and "MODEL_NAME and" in finished.stderr
+    finished = run_python(["-c", "import run_inference as r\nr.LLAMA_MODELS_DIR = " + repr(str(tmp_path)) +
+                           "\nr.MODEL_NAME = 'nope'\nr.main()"])
+    assert finished.stderr.startswith(f"error: no checkpoint folder at {tmp_path / 'nope'}: set MODEL_NAME and "
+                                      "LLAMA_MODELS_DIR at the top of run_inference.py"), finished.stderr
+
+
+@pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])
+def test_a_folder_of_checkpoint_folders_is_named_as_such(tiny_checkpoint, tmp_path, script):
+    """~/.llama/checkpoints itself, say: not an incomplete download."""
+    shutil.copytree(tiny_checkpoint("gqa4"), tmp_path / "Tiny-Instruct")
+    finished = run_python([script], checkpoint=tmp_path)
+    assert finished.returncode == 1
+    assert finished.stderr == f"error: {tmp_path} holds checkpoint folders (Tiny-Instruct), not one checkpoint: name one of them\n"
+
+
+def test_minimal_script_refuses_to_run_under_torchrun(tiny_checkpoint):
+    code = ("import os, sys, minimal_run_inference as m\nos.environ['WORLD_SIZE'] = '2'\n"
+            "try:\n    m.main()\nexcept m.LlamaError as error:\n    sys.exit(f'error: {error}')")
+    finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
+    assert finished.returncode == 1 and "under torchrun, use run_inference.py" in finished.stderr
 
 
 def test_minimal_script_says_it_takes_no_arguments():

@@ -14,7 +14,6 @@ checkpoint in several shards (70B) is glued back together one matrix at a time, 
 covers a whole row and each int4 group its whole columns, as with one process.
 """
 
-import argparse
 import json
 import mmap
 import os
@@ -33,7 +32,7 @@ from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # n
 from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
-from .reshard import check_destination, new_folder, note_if_instruct_is_dropped, run_tool  # noqa: E402
+from .reshard import OneLineParser, check_destination, new_folder, note_if_instruct_is_dropped, run_tool  # noqa: E402
 
 WEIGHTS_FILE = "consolidated.00.pth"
 
@@ -175,6 +174,9 @@ def quantize_into(shards: ShardFiles, names: list, matrices: list, scheme: str, 
         else:
             parts = {name: whole}
         for part, tensor in parts.items():
+            # A NaN or infinite weight makes its row's (int4: its group's) scale one: the scales show it.
+            if tensor.is_floating_point() and not tensor.isfinite().all():
+                raise LlamaError(f"{name} holds NaN or infinite numbers: the checkpoint is damaged; download it again")
             mapped[part].copy_(tensor)
             release_mapped_pages(mapped[part], written)  # on disk or on its way: the page cache holds it
         shards.release(whole)
@@ -196,7 +198,7 @@ def write_params(source: Path, destination: Path, scheme: str, group_size: int) 
 
 
 def main(argv: list = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m llama_models.quantize",
         description="Write a copy of a Llama 3.x checkpoint folder with its matrices in 8 or 4 bits.",
     )

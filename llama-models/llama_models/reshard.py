@@ -246,8 +246,16 @@ def write_params(source: Path, destination: Path, args: ModelArgs, n_kv_heads: i
     destination.write_text(json.dumps(params))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A command line parser whose errors are one line, as the tools' other errors are (argparse's
+    own prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m llama_models.reshard",
         description="Write a copy of a Llama 3.x checkpoint folder split into N shards, for N processes.",
     )

@@ -259,11 +259,22 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
             if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
                 raise LlamaError(f"{folder} holds transformers' copy of the weights, not Meta's files: download those "
                                  "too (hf download <model> --include 'original/*' --local-dir <folder>)")
+            inside = checkpoint_folders_inside(folder)
+            if inside:  # ~/.llama/checkpoints itself, say
+                raise LlamaError(f"{folder} holds checkpoint folders ({', '.join(inside)}), not one checkpoint: name "
+                                 "one of them")
             raise LlamaError(f"{required} not found: the checkpoint folder is incomplete; download the model again")
     shards = sorted(folder.glob("*.pth"))
     if not shards:
         raise LlamaError(f"no consolidated.*.pth weights in {folder}: the download is incomplete; download the model again")
     return CheckpointFiles(params, tokenizer, shards)
+
+
+def checkpoint_folders_inside(folder: Path, most: int = 4) -> list:
+    """The names of up to `most` folders in `folder` that hold a params.json, and "..." if more do."""
+    names = sorted(sub.name for sub in folder.iterdir() if (sub / "params.json").is_file()
+                   or (sub / HF_SUBFOLDER / "params.json").is_file())
+    return names[:most] + (["..."] if len(names) > most else [])
 
 
 def load_tokenizer(path: Path, args: ModelArgs) -> Tokenizer:
@@ -320,8 +331,9 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
     quantized_help = ('it was written by llama_models.quantize, and params.json\'s "quantization" must say how: '
                       "restore the params.json it wrote, or quantize the bfloat16 checkpoint again")
     if quantized_parts and not any(name.endswith(quantized_parts[0].rsplit(".", 1)[1]) for name in expected):
-        raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that params.json does not "
-                         f"announce: {quantized_help}")
+        scheme = (model.args.quantization or {}).get("scheme")
+        said = f"params.json's scheme, {scheme}, does not describe" if scheme else "params.json does not announce"
+        raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that {said}: {quantized_help}")
     for name, shape in expected.items():
         if name not in tensors:
             raise LlamaError(f"{path} has no tensor {name!r} that params.json implies: {mismatch_help}")

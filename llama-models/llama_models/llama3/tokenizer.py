@@ -107,15 +107,19 @@ def _parse_rank_line(line: bytes, path: Path, line_number: int) -> tuple[bytes, 
     fields = line.split()
     where = f"{path}, line {line_number}"
     if len(fields) != 2:
-        raise ValueError(f"{where}: expected '<base64 token> <rank>', got {line!r}")
+        raise ValueError(f"{where}: expected '<base64 token> <rank>', got {_excerpt(line)}")
     encoded_token, rank_text = fields
     try:
         token = base64.b64decode(encoded_token, validate=True)
     except binascii.Error as error:
-        raise ValueError(f"{where}: token is not valid base64: {encoded_token!r}") from error
+        raise ValueError(f"{where}: token is not valid base64: {_excerpt(encoded_token)}") from error
     if not rank_text.isdigit():
-        raise ValueError(f"{where}: rank is not a non-negative integer: {rank_text!r}")
+        raise ValueError(f"{where}: rank is not a non-negative integer: {_excerpt(rank_text)}")
     return token, int(rank_text)
+
+
+def _excerpt(data: bytes, most: int = 40) -> str:  # a damaged file's line can be any length of anything
+    return repr(data[:most]) + ("..." if len(data) > most else "")
 
 
 def _check_ranks_are_contiguous(ranks: dict[bytes, int], path: Path) -> None:
