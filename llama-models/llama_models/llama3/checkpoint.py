@@ -373,7 +373,9 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     """
     rank, world_size = model_parallel_rank_and_size()
     check_world_size(model.args, len(files.shards), world_size, files.folder)
-    weights = files.shards[0] if len(files.shards) == 1 else files.folder  # named in error messages
+    # Named in error messages: the one file this process reads (its shard), else the folder.
+    reads_one_shard = world_size >= len(files.shards)
+    weights = files.shards[rank * len(files.shards) // world_size] if reads_one_shard else files.folder
     with every_process_or_none("read its part of the weights"):
         state_dict = local_state_dict(files.shards, rank, world_size, model.args)
         tensors = match_checkpoint_to_model(state_dict, model, weights)
