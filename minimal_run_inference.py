@@ -45,8 +45,8 @@ def main():
         raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}")
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
     if len(files.shards) > 1:
-        raise LlamaError(f"{files.folder} is split into several shards: run_inference.py merges them (or splits them "
-                         "over torchrun's processes)")
+        raise LlamaError(f"{files.folder} is split into several shards: run it with run_inference.py, which merges "
+                         "them (or splits them over torchrun's processes)")
     device = resolve_device(DEVICE)
 
     # 2. Start torch.distributed and fairscale (a group of one process)

@@ -22,6 +22,7 @@ import importlib.util
 import itertools
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -41,7 +42,9 @@ def exit_with_error(error: Exception) -> None:
     their number: most errors are the same in every process, but a damaged shard is met only by
     the process that reads it, and a missing folder only on the machine that lacks it."""
     rank = torchrun_rank()
-    sys.exit(("" if rank == 0 else f"[rank {rank}] ") + f"error: {error}")
+    # One write (sys.exit's message and its newline are two): two processes' lines cannot run together.
+    sys.stderr.write(("" if rank == 0 else f"[rank {rank}] ") + f"error: {error}\n")
+    sys.exit(1)
 
 
 def torchrun_rank() -> int:  # torchrun's RANK variable: the error may come before torch.distributed starts
@@ -170,7 +173,7 @@ def check_attention_png(path: Path) -> None:
     if not path.parent.is_dir():
         raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: the folder {path.parent} does not exist; create it "
                          "or name a file in one that does")
-    if not os.access(path.parent, os.W_OK):
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
         raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: this user may not write in {path.parent}; name a "
                          "file in a folder of yours")
     if not matplotlib_installed():
@@ -774,9 +777,10 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
             conversation.reset()
             if is_main:
                 print("(a new conversation)\n")
-        elif text.strip().startswith("/") and len(text.split()) == 1:  # /quit, /help: meant for us, not the model
+        elif re.fullmatch(r"/[A-Za-z]+", text.strip()):  # /quit, /help: meant for us, not the model
             if is_main:
-                print(f"(unknown command {text.strip()}: the commands are /reset and /exit)\n")
+                print(f"(unknown command {text.strip()}: the commands are /reset and /exit; to send it to the "
+                      "model, add a word)\n")
         elif text.strip():
             chat_turn(model, tokenizer, conversation, text, is_main, turn)
 

@@ -148,10 +148,10 @@ def test_script_chats_by_sampling_and_shows_alternatives(tiny_checkpoint):
 
 
 def test_an_unknown_command_is_named_not_sent_to_the_model(tiny_checkpoint):
-    finished = run_chat(tiny_checkpoint("gqa4"), "/quit\n/usr/bin is a folder\n", "r.IS_INSTRUCT = True")
+    finished = run_chat(tiny_checkpoint("gqa4"), "/quit\n/etc/passwd\n/quit please\n", "r.IS_INSTRUCT = True")
     assert finished.returncode == 0, finished.stderr
-    assert "(unknown command /quit: the commands are /reset and /exit)" in finished.stdout
-    assert finished.stdout.count("[prefilled") == 1  # only the message of several words was answered
+    assert "(unknown command /quit: the commands are /reset and /exit; to send it to the model, add a word)" in finished.stdout
+    assert finished.stdout.count("[prefilled") == 2  # a path and a message of two words are answered
 
 
 @pytest.mark.parametrize("settings, culprit", [

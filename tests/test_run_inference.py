@@ -637,7 +637,7 @@ def test_a_folder_of_checkpoint_folders_is_named_as_such(tiny_checkpoint, tmp_pa
     shutil.copytree(tiny_checkpoint("gqa4"), tmp_path / "Tiny-Instruct")
     finished = run_python([script], checkpoint=tmp_path)
     assert finished.returncode == 1
-    assert finished.stderr == f"error: {tmp_path} holds checkpoint folders (Tiny-Instruct), not one checkpoint: name one of them\n"
+    assert finished.stderr == f"error: {tmp_path} holds checkpoint folders (Tiny-Instruct), not one checkpoint: give the path of one of them\n"
 
 
 def test_minimal_script_refuses_to_run_under_torchrun(tiny_checkpoint):

@@ -174,7 +174,7 @@ def quantize_into(shards: ShardFiles, names: list, matrices: list, scheme: str, 
         else:
             parts = {name: whole}
         for part, tensor in parts.items():
-            # A NaN or infinite weight makes its row's (int4: its group's) scale one: the scales show it.
+            # A NaN or infinite weight makes its row's (int4: its group's) scale NaN or infinite too.
             if tensor.is_floating_point() and not tensor.isfinite().all():
                 raise LlamaError(f"{name} holds NaN or infinite numbers: the checkpoint is damaged; download it again")
             mapped[part].copy_(tensor)

@@ -183,8 +183,9 @@ def every_process_or_none(what: str):
     `what`, instead of a traceback about a closed connection at their next collective operation."""
     try:
         yield
-    except LlamaError:
-        _all_processes_succeeded(False)
+    except Exception:
+        with contextlib.suppress(RuntimeError):  # the others may be gone: this process's own error is what matters
+            _all_processes_succeeded(False)
         raise
     if not _all_processes_succeeded(True):
         raise LlamaError(f"another process could not {what} (its own line says why)")
@@ -261,8 +262,8 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
                                  "too (hf download <model> --include 'original/*' --local-dir <folder>)")
             inside = checkpoint_folders_inside(folder)
             if inside:  # ~/.llama/checkpoints itself, say
-                raise LlamaError(f"{folder} holds checkpoint folders ({', '.join(inside)}), not one checkpoint: name "
-                                 "one of them")
+                raise LlamaError(f"{folder} holds checkpoint folders ({', '.join(inside)}), not one checkpoint: give "
+                                 "the path of one of them")
             raise LlamaError(f"{required} not found: the checkpoint folder is incomplete; download the model again")
     shards = sorted(folder.glob("*.pth"))
     if not shards:

@@ -17,7 +17,8 @@ adds the communication. The local sizes below
 
 Shapes use: batch, seq (tokens in this call), kv_len (tokens cached so far plus this call),
 dim, n_heads, n_kv_heads, head_dim (= dim / n_heads), vocab. With N processes the head counts and
-ffn_hidden_dim in them are each process's share (n_local_heads = n_heads / N, ...).
+ffn_hidden_dim in them are each process's share (n_local_heads = n_heads / N, ...; with more
+processes than key/value heads, each holds one, repeated: sharding.py).
 """
 
 import math

@@ -100,7 +100,8 @@ class QuantizedWeight(nn.Module):
     @property
     def can_dequantize(self) -> bool:
         """Whether a prompt's product on the CPU may convert the whole matrix back (`rows`) for its
-        length: a kind that implements `rows` says so."""
+        length: a kind that implements `rows` says so. (Off the CPU a matrix without a built-in
+        kernel there is always dequantized: products.py's DEVICE_KERNELS.)"""
         return False
 
     @property
