@@ -373,11 +373,11 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     N reads only its own slices (see sharding.py). Tensors are converted only where needed.
     """
     rank, world_size = model_parallel_rank_and_size()
-    check_world_size(model.args, len(files.shards), world_size, files.folder)
     # Named in error messages: the one file this process reads (its shard), else the folder.
     reads_one_shard = world_size >= len(files.shards)
     weights = files.shards[rank * len(files.shards) // world_size] if reads_one_shard else files.folder
-    with every_process_or_none("read its part of the weights"):
+    with every_process_or_none("read its part of the weights"):  # the shards a machine has may differ
+        check_world_size(model.args, len(files.shards), world_size, files.folder)
         state_dict = local_state_dict(files.shards, rank, world_size, model.args)
         tensors = match_checkpoint_to_model(state_dict, model, weights)
     # From here on `tensors` holds the only reference to each tensor read, so a tensor glued from
