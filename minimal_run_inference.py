@@ -34,8 +34,6 @@ MAX_NEW_TOKENS = 128  # stop after this many tokens unless the model ends its an
 
 
 def main():
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: each process would run the whole model alone
-        raise LlamaError("minimal_run_inference.py runs as one process: under torchrun, use run_inference.py")
     for name in ("MODEL_NAME", "LLAMA_MODELS_DIR"):
         if not isinstance(globals()[name], str):
             raise LlamaError(f"{name} = {globals()[name]!r}: write a folder name in quotes")
@@ -44,9 +42,9 @@ def main():
         chosen_by = "LLAMA_CHECKPOINT_DIR" if os.environ.get("LLAMA_CHECKPOINT_DIR") else "MODEL_NAME and LLAMA_MODELS_DIR"
         raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}")
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
-    if len(files.shards) > 1:
-        raise LlamaError(f"{files.folder} is split into several shards: run it with run_inference.py, which merges "
-                         "them (or splits them over torchrun's processes)")
+    if len(files.shards) > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:  # several shards, or under torchrun
+        raise LlamaError(f"this script runs one process on one shard ({files.folder} has {len(files.shards)}): use "
+                         "run_inference.py, which merges shards or splits them over torchrun's processes")
     device = resolve_device(DEVICE)
 
     # 2. Start torch.distributed and fairscale (a group of one process)

@@ -640,11 +640,17 @@ def test_a_folder_of_checkpoint_folders_is_named_as_such(tiny_checkpoint, tmp_pa
     assert finished.stderr == f"error: {tmp_path} holds checkpoint folders (Tiny-Instruct), not one checkpoint: give the path of one of them\n"
 
 
-def test_minimal_script_refuses_to_run_under_torchrun(tiny_checkpoint):
+def test_minimal_script_refuses_torchrun_and_several_shards(tiny_checkpoint, tmp_path):
+    from llama_models import reshard
+
     code = ("import os, sys, minimal_run_inference as m\nos.environ['WORLD_SIZE'] = '2'\n"
             "try:\n    m.main()\nexcept m.LlamaError as error:\n    sys.exit(f'error: {error}')")
-    finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
-    assert finished.returncode == 1 and "under torchrun, use run_inference.py" in finished.stderr
+    under_torchrun = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
+    assert reshard.main([str(tiny_checkpoint("gqa4")), str(tmp_path / "mp2"), "2"]) == 0
+    two_shards = run_python(["minimal_run_inference.py"], checkpoint=tmp_path / "mp2")
+    for finished, shards in ((under_torchrun, 1), (two_shards, 2)):
+        assert finished.returncode == 1 and "runs one process on one shard (" in finished.stderr
+        assert f"has {shards}): use run_inference.py, which merges shards or splits them" in finished.stderr
 
 
 def test_minimal_script_says_it_takes_no_arguments():
