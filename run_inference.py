@@ -173,9 +173,10 @@ def check_attention_png(path: Path) -> None:
     if not path.parent.is_dir():
         raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: the folder {path.parent} does not exist; create it "
                          "or name a file in one that does")
-    if not os.access(path if path.exists() else path.parent, os.W_OK):
-        raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: this user may not write in {path.parent}; name a "
-                         "file in a folder of yours")
+    target = path if path.exists() else path.parent  # a file to overwrite, or the folder to write it in
+    if not os.access(target, os.W_OK):
+        raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r}: this user may not write to {target}; name a file "
+                         "in a folder of yours")
     if not matplotlib_installed():
         raise LlamaError(f"ATTENTION_PNG = {ATTENTION_PNG!r} draws with matplotlib, which is not installed: "
                          "pip install matplotlib, or set ATTENTION_PNG = None")

@@ -495,8 +495,8 @@ def worker_prefills_side_by_side(folder: Path, dtype: torch.dtype, prompt_tokens
     """Both models in one process, prefilling in turns (the order swapped every round), the best of
     PREFILL_REPEATS each. A prefill is short and compute-bound, and the CPU time this shared machine
     gives a process moves more between two processes a minute apart than the two prefills differ:
-    on a 2-core Intel Xeon (README, "Intel Xeon with AMX"), the separate workers' prefill ratio ranged from 0.82 to
-    1.10 over runs of the same code."""
+    on a 2-core Intel Xeon (README, "Intel Xeon with AMX"), the separate workers' prefill ratio
+    ranged from 0.82 to 1.10 over runs of the same code."""
     from llama_models.llama3 import load_llama
     from transformers import LlamaForCausalLM
 
