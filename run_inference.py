@@ -770,19 +770,20 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
               f"Ctrl-D to end; the dialog keeps up to CHAT_CONTEXT = {model.args.max_seq_len} tokens\n")
     for turn in itertools.count():
         text = read_message(is_main)
-        if text is None or text.strip() == "/exit":
+        command = text.strip() if text is not None else "/exit"  # the end of input ends the chat too
+        if command == "/exit":
             if is_main:
                 print()
             return
-        if text.strip() == "/reset":
+        if command == "/reset":
             conversation.reset()
             if is_main:
                 print("(a new conversation)\n")
-        elif re.fullmatch(r"/[A-Za-z]+", text.strip()):  # /quit, /help: meant for us, not the model
+        elif re.fullmatch(r"/[A-Za-z]+", command):  # /quit, /help: meant for us, not the model
             if is_main:
-                print(f"(unknown command {text.strip()}: the commands are /reset and /exit; to send it to the "
+                print(f"(unknown command {command}: the commands are /reset and /exit; to send it to the "
                       "model, add a word)\n")
-        elif text.strip():
+        elif command:
             chat_turn(model, tokenizer, conversation, text, is_main, turn)
 
 
