@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 
@@ -1148,7 +1149,16 @@ def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> Non
 
 
 def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer, text_width: int = 0) -> None:
-    print(f"{step:>5}  {token:>6}  {probability:>8.2%}  {token_text(tokenizer, token):<{text_width}}", end="")
+    print(f"{step:>5}  {token:>6}  {probability:>8.2%}  {padded(token_text(tokenizer, token), text_width)}", end="")
+
+
+def padded(text: str, columns: int) -> str:
+    """text and spaces to fill `columns` of a terminal, where a Chinese, Japanese or Korean character
+    takes two and a combining accent none (str.ljust counts characters, which puts the next column
+    out of line)."""
+    width = sum(0 if unicodedata.combining(character) else 2 if unicodedata.east_asian_width(character) in "WF"
+                else 1 for character in text)
+    return text + " " * (columns - width)
 
 
 def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: list = None, tokens: list = None):

@@ -56,6 +56,7 @@ import checkpoints as test_checkpoints  # noqa: E402  (after the path set-up abo
 from llama_models.llama3 import ModelArgs  # noqa: E402
 from llama_models.llama3.bandwidth import memory_read_bandwidth  # noqa: E402
 from llama_models.llama3.quantize import STORED_SCHEMES  # noqa: E402
+from llama_models.reshard import OneLineParser  # noqa: E402  (argparse's errors, in one line)
 
 # params.json of Meta's releases (see ../shared/llama3-facts.md, section 2.1).
 COMMON_PARAMS = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}
@@ -781,8 +782,8 @@ def roofline_for(args: ModelArgs, dtype: torch.dtype, bandwidth: float, prompt_t
 
 
 def parse_options(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model shape (default %(default)s)")
     parser.add_argument("--dtypes", default="bf16,f32", help="comma-separated, of bf16 and f32 (default both)")
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,

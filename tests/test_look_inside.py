@@ -56,6 +56,14 @@ def test_recorded_alternatives_follow_greedy_decoding(models):
     assert model.output._forward_hooks == {}  # the hook is gone afterwards
 
 
+def test_the_token_column_is_padded_by_terminal_columns():
+    # Each East Asian wide character fills two columns and a combining accent none, so that the
+    # alternatives after the text start in the same column on every row.
+    for text, columns in [("'ab'", 4), ("'世界'", 6), ("'e\u0301'", 3)]:
+        assert run_inference.padded(text, 16) == text + " " * (16 - columns)
+    assert run_inference.padded("'a long token text'", 16) == "'a long token text'"  # never cut
+
+
 def test_logit_lens_matches_transformers_hidden_states(models):
     model, reference, _ = models
     rows = run_inference.logit_lens(model, PROMPT)
