@@ -841,20 +841,22 @@ def alternatives_text(tokenizer: Tokenizer, alternatives: tuple) -> str:
 
 def logit_lens(model, prompt_tokens: list) -> list:
     """[(layer index, top token, its probability)] for the prompt's last position, after each layer."""
-    residuals = []  # each (dim,): h at the last position after one layer
+    residuals = {}  # layer index -> (dim,): h at the last position after that layer
 
-    def keep_last_position(module, inputs, h):  # h: (batch, seq, dim)
-        residuals.append(h[0, -1])
+    def keeper(index: int):
+        def keep_last_position(module, inputs, h):  # h: (batch, chunk, dim), once per prefill chunk
+            residuals[index] = h[0, -1].clone()  # the last chunk's stays; a view would keep all of h
+        return keep_last_position
 
-    handles = [layer.register_forward_hook(keep_last_position) for layer in model.layers]
+    handles = [layer.register_forward_hook(keeper(index)) for index, layer in enumerate(model.layers)]
     try:
-        model.hidden_states(prompt_tensor(model, prompt_tokens), start_pos=0)  # the layers only: no logits needed
+        prefill(model, prompt_tokens)  # in chunks, as the prompt of a generation
     finally:
         for handle in handles:
             handle.remove()
     rows = []
     with torch.inference_mode():
-        for index, h in enumerate(residuals):
+        for index, h in sorted(residuals.items()):
             probs = torch.softmax(model.logits(h), dim=-1)  # (vocab,)
             rows.append((index, int(probs.argmax()), float(probs.max())))
     return rows

@@ -258,11 +258,18 @@ def test_params_whose_model_is_not_an_object_are_refused():
         ModelArgs.from_params({"model": 5})
 
 
-@pytest.mark.parametrize("runtime", [{"max_seq_len": 0}, {"max_batch_size": "2"}])
-def test_a_bad_cache_size_is_blamed_on_the_caller_not_on_params_json(runtime):
-    with pytest.raises(LlamaError, match=f"^{next(iter(runtime))}=.*the KV cache's size") as error:
+@pytest.mark.parametrize("runtime", [{"max_seq_len": 0}, {"max_batch_size": "2"}, {"rope_scale_factor": -8}])
+def test_a_bad_runtime_value_is_blamed_on_the_caller_not_on_params_json(runtime):
+    with pytest.raises(LlamaError, match=f"^{next(iter(runtime))}=") as error:
         ModelArgs.from_params(GOOD_PARAMS, **runtime)
     assert "params.json" not in str(error.value)
+
+
+def test_runtime_values_in_params_json_are_ignored():
+    """Whoever runs the model sizes its cache, also where a params.json from elsewhere names a size."""
+    written = GOOD_PARAMS | {"max_seq_len": 4096, "max_batch_size": 32, "rope_scale_factor": 2.0}
+    args = ModelArgs.from_params(written, max_seq_len=64)
+    assert (args.max_seq_len, args.max_batch_size, args.rope_scale_factor) == (64, 1, 8.0)
 
 
 @pytest.mark.parametrize("field", ["dim", "n_layers", "n_heads"])

@@ -82,6 +82,16 @@ def test_logit_lens_matches_transformers_hidden_states(models):
         assert probability == pytest.approx(probs.max().item(), rel=1e-4)
 
 
+def test_logit_lens_of_a_prompt_in_chunks_reads_its_last_position(models, monkeypatch):
+    """A long prompt is prefilled in chunks, and the hooks fire once per chunk: the last one counts."""
+    model, _, _ = models
+    whole = run_inference.logit_lens(model, PROMPT)
+    monkeypatch.setattr(run_inference, "PREFILL_CHUNK", 5)  # 13 tokens: chunks of 5, 5 and 3
+    chunked = run_inference.logit_lens(model, PROMPT)
+    assert [row[:2] for row in chunked] == [row[:2] for row in whole]
+    assert [row[2] for row in chunked] == pytest.approx([row[2] for row in whole], rel=1e-4)
+
+
 def test_memory_report_counts_every_weight_once_and_the_kv_cache_by_its_formula(models):
     model, _, folder = models
     report = run_inference.memory_report(model)

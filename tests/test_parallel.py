@@ -212,6 +212,9 @@ def check_processes_agree_with_one_process(results: list[dict], one_process_resu
     for result in results:
         assert result["tokens"] == expected_tokens
         assert (result["logits"] - expected_logits).abs().max().item() < TOLERANCE
+        # The same bits in every process (the output layer gathers the whole vocabulary's scores
+        # everywhere), so that sampling with one seed draws the same tokens in all of them.
+        assert torch.equal(result["logits"], results[0]["logits"])
         assert result["from_rank_0"] == 0  # broadcast_tokens shares rank 0's values
 
 
@@ -302,9 +305,17 @@ def test_run_inference_script_under_torchrun_prints_what_one_process_prints(shar
     assert one.strip() and one == two
 
 
+def stopped_by_torchrun(stderr: str, rank: int) -> bool:
+    """Whether torchrun's report says it stopped `rank` with SIGTERM: once one process has failed,
+    torchrun stops the others, and a process still importing torch (on a busy machine) then ends
+    before it could say anything."""
+    return re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*exitcode\s*: -15\b", stderr) is not None
+
+
 def test_an_error_under_torchrun_is_said_by_each_process_with_its_rank(sharded, tmp_path):
     """Both processes meet the missing folder: rank 0's line as in one process, rank 1's with its
-    number (torchrun then adds its own report of the failed processes)."""
+    number (torchrun then adds its own report of the failed processes), unless torchrun stopped
+    rank 1 before it got there."""
     environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(tmp_path / "no-such-folder"), "OMP_NUM_THREADS": "1",
                                 "TMPDIR": str(tmp_path)}
     finished = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -313,7 +324,9 @@ def test_an_error_under_torchrun_is_said_by_each_process_with_its_rank(sharded, 
     assert finished.returncode != 0
     line = f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}"
     lines = finished.stderr.splitlines()
-    assert sum(text.startswith(line) for text in lines) == 1 and sum(text.startswith(f"[rank 1] {line}") for text in lines) == 1
+    assert sum(text.startswith(line) for text in lines) == 1
+    rank_1_said = sum(text.startswith(f"[rank 1] {line}") for text in lines)
+    assert rank_1_said == 1 or (rank_1_said == 0 and stopped_by_torchrun(finished.stderr, rank=1)), finished.stderr
 
 
 def test_a_damaged_shard_is_named_by_the_process_that_reads_it(sharded, tmp_path):
@@ -329,7 +342,8 @@ def test_a_damaged_shard_is_named_by_the_process_that_reads_it(sharded, tmp_path
     assert any(line.startswith(f"[rank 1] error: {shard} could not be read as PyTorch weights") for line in lines)
     # rank 0, whose shard is whole, stops with a line of its own, not at a closed connection
     assert "[rank0]: Traceback" not in finished.stderr and "Connection closed" not in finished.stderr
-    assert any(line.startswith("error: another process could not read its part of the weights") for line in lines)
+    assert (any(line.startswith("error: another process could not read its part of the weights") for line in lines)
+            or stopped_by_torchrun(finished.stderr, rank=0)), finished.stderr
 
 
 def test_chat_under_torchrun_answers_as_one_process_does(sharded, tmp_path):

@@ -91,6 +91,10 @@ def test_a_new_kind_of_weight_gets_no_dequantizing_candidate_until_it_says_it_ca
 
     x = torch.empty(40, 64, dtype=BF16)  # a prompt: where a matrix that can be is dequantized
     assert [kernel.name for kernel in products.CPU_KERNELS if kernel.applies(x, Opaque())] == []
+    chooser = products.KernelChooser(products.CPU_KERNELS)
+    with pytest.raises(NotImplementedError, match="no kernel computes products of kind .*'opaque'.*add a Kernel"):
+        chooser(x, Opaque())  # says what to add, where a bare min() would fail on an empty list
+    assert chooser.times == {}
 
 
 class FakeClock:

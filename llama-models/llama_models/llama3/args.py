@@ -1,4 +1,4 @@
-"""The shape of a Llama 3.x model: what `params.json` says, plus two numbers chosen at run time.
+"""The shape of a Llama 3.x model: what `params.json` says, plus three numbers chosen at run time.
 
 Meta ships every checkpoint with a small `params.json`, for example Llama 3.2 1B:
 
@@ -7,8 +7,8 @@ Meta ships every checkpoint with a small `params.json`, for example Llama 3.2 1B
      "rope_theta": 500000.0, "use_scaled_rope": true}
 
 `ModelArgs` holds those fields, the runtime `max_seq_len` / `max_batch_size` (they size the KV cache,
-so they are chosen by whoever runs the model, not by the checkpoint), and the quantities derived from
-them (head size, feed-forward width, RoPE scale factor).
+so they are chosen by whoever runs the model, not by the checkpoint) and `rope_scale_factor` (which
+no params.json carries), and the quantities derived from them (head size, feed-forward width).
 """
 
 import json
@@ -77,8 +77,7 @@ class ModelArgs:
                                  "as in Meta's file; download params.json again or correct it")
         for name in NUMBER_FIELDS:
             value = getattr(self, name)
-            optional = name in ("ffn_dim_multiplier", "rope_scale_factor")
-            if optional and value is None:
+            if name == "ffn_dim_multiplier" and value is None:
                 continue
             # json reads Infinity and NaN: neither is a size or a constant
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -110,11 +109,17 @@ class ModelArgs:
             self.quantization = {"scheme": "int4", "group_size": group_size}
 
     def _check_runtime_sizes(self):
-        """max_seq_len and max_batch_size come from whoever runs the model, not from params.json."""
+        """max_seq_len, max_batch_size and rope_scale_factor come from whoever runs the model, not
+        from params.json."""
         for name in ("max_seq_len", "max_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LlamaError(f"{name}={value!r}: the KV cache's size must be a whole number of at least 1")
+        factor = self.rope_scale_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not 0 < factor < math.inf):
+            raise LlamaError(f"rope_scale_factor={factor!r}: it must be a positive finite number, or None for "
+                             "the model's own (8, or 32 for the Llama 3.2 1B and 3B shapes)")
 
     def _check_shapes(self):
         if self.dim % self.n_heads != 0:
@@ -128,7 +133,8 @@ class ModelArgs:
     def from_params(cls, params: dict, **runtime) -> "ModelArgs":
         """Build from the dict in `params.json`, plus runtime fields such as max_seq_len=512.
 
-        Fields we do not use are ignored, but checkpoints we cannot run are refused by name.
+        Fields we do not use are ignored, and so are the runtime ones (a params.json that names
+        max_seq_len does not size our cache), but checkpoints we cannot run are refused by name.
         """
         params = model_arguments(params)
         _refuse_unsupported(params)
@@ -136,7 +142,7 @@ class ModelArgs:
         if missing:
             raise LlamaError(f"params.json has no {', '.join(missing)}: every Llama checkpoint's file names them; "
                              "download params.json again")
-        known = {f.name for f in fields(cls) if f.init}
+        known = {f.name for f in fields(cls) if f.init} - set(RUNTIME_FIELDS)
         return cls(**{key: value for key, value in params.items() if key in known}, **runtime)
 
     @classmethod
@@ -168,7 +174,8 @@ class ModelArgs:
 # taken, and the weights blamed for not matching.
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
 WHOLE_NUMBER_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
-NUMBER_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scale_factor")
+NUMBER_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta")
+RUNTIME_FIELDS = ("max_seq_len", "max_batch_size", "rope_scale_factor")
 
 
 def model_arguments(params: dict) -> dict:

@@ -13,29 +13,31 @@ import time
 import torch
 
 GIB = 2**30
+REPEATS = 5  # of each reduction
 
 
-def memory_read_bandwidth(size_bytes: int = GIB, repeats: int = 5, device: str = "cpu") -> float:
+def memory_read_bandwidth(size_bytes: int = GIB, device: str = "cpu") -> float:
     """Bytes per second, the best of float32 sum, float32 amax and int32 amax over `size_bytes` of
     the device's memory."""
     device = torch.device(device)
     buffer = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)  # writes every page first
     reductions = (buffer.sum, buffer.amax, buffer.view(torch.int32).amax)
-    best = min(_fastest(reduction, repeats, device) for reduction in reductions)
+    best = min(_fastest(reduction, device) for reduction in reductions)
     return buffer.nbytes / best
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait until the device has finished its queued work: GPUs run kernels after the call returns."""
+    """Wait until the device has finished its queued work: GPUs run kernels after the call returns.
+    (The CPU runs each before the call returns: nothing to wait for.)"""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
 
 
-def _fastest(function, repeats: int, device: torch.device) -> float:
+def _fastest(function, device: torch.device) -> float:
     times = []
-    for _ in range(repeats):
+    for _ in range(REPEATS):
         synchronize(device)
         started = time.perf_counter()
         function()

@@ -203,10 +203,12 @@ def _all_processes_succeeded(succeeded: bool) -> bool:
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """Overwrite `tokens` in every process with rank 0's values, and return it.
 
-    All processes must feed the model the same tokens, or their slices stop fitting together. Greedy
-    decoding picks the same token everywhere (the output layer gathers the full logits in every
-    process), and sampling does too when every process seeds its random generator alike; sharing
-    rank 0's choice makes it certain. With NCCL, `tokens` must be on the process's GPU.
+    All processes must feed the model the same tokens, or their slices stop fitting together. The
+    output layer gathers the same logits, bit for bit, in every process, so greedy decoding picks
+    the same token everywhere, and so does sampling with a generator seeded alike in every process:
+    run_inference.py needs no broadcast. This is for code of your own that chooses tokens another
+    way (a random seed per process, input read by one process). With NCCL, `tokens` must be on the
+    process's GPU.
     """
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tokens, src=0)

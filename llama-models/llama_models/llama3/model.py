@@ -269,8 +269,7 @@ class Attention(nn.Module):
         # Heads before positions: each head's cached keys form one (position, head_dim) block, the
         # layout the attention products read, so a step reads the cache where it lies. Meta's
         # (batch, position, head, head_dim) layout needs a copy of the whole cache into this one at
-        # every step (README, "Intel Xeon with AMX": with that layout and the products written out, a
-        # 1B step at 4,096 cached positions took 285 ms instead of 140).
+        # every step (README, "Intel Xeon with AMX", measured the difference on one CPU).
         cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
@@ -303,16 +302,14 @@ class Attention(nn.Module):
         #   scores' spread does not grow with the head size;
         # - masked: a key after the token (mask False) gets score -inf, so weight 0 after softmax;
         # - the kernel takes the softmax in float32: exponentials of bfloat16 scores would round coarsely;
-        # - grouped-query: query head i uses key/value head i // n_rep (enable_gqa).
-        # F.scaled_dot_product_attention computes exactly this. On the CPU its fused kernel works block
-        # by block, never holds the (seq x kv_len) scores and copies no key/value head (Meta's code
-        # repeats each n_rep times): on the Xeon of README's "Speed and memory", a 4,096-token 1B
-        # prompt took 10 s where Meta's layout and the products written out took 34. Where no fused
-        # kernel fits (some GPU cases) PyTorch falls back to the plain computation, which is why
-        # run_inference.py prefills in chunks. For a
-        # decode step's single query row it can be slow on the CPU, so `attention` (products.py)
-        # times it against float32 variants and keeps the fastest, as it does for the matrices.
-        # run_inference.py's `last_layer_attention` writes the same computation out step by step.
+        # - grouped-query: query head i uses key/value head i // n_rep.
+        # `attention` (products.py) computes exactly this with the fastest of its candidates, timed
+        # as the matrices' are: F.scaled_dot_product_attention, whose fused CPU kernel works block by
+        # block, never holds the (seq x kv_len) scores and copies no key/value head (Meta's code
+        # repeats each n_rep times), and float32 variants for a decode step's single query row.
+        # Where no fused kernel fits (some GPU cases) PyTorch computes the scores whole, which is why
+        # run_inference.py prefills in chunks. Its `last_layer_attention` writes the same
+        # computation out step by step.
         out = attention(q, keys, values, mask)
         # out: (batch, n_heads, seq, head_dim) in q's dtype
         out = out.transpose(1, 2)  # (batch, seq, n_heads, head_dim)
@@ -391,7 +388,10 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def hidden_states(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """The residual stream after the last layer, before the final norm.   # (batch, seq, dim)"""
+        """The residual stream after the last layer, before the final norm.   # (batch, seq, dim)
+
+        In inference mode (no autograd records), so its tensors, and those forward hooks see, can be
+        read and copied but not changed in place outside it."""
         batch, seq = tokens.shape
         self._check_fits_cache(batch, seq, start_pos)
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)

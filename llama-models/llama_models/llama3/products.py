@@ -95,6 +95,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .bandwidth import synchronize
 from .quantize import INNER_K_TILES, quantized
 
 # "row blocks": weight rows per block. A block of the Llama 3 output layer (128,256 x dim) is 1/8 of it.
@@ -370,6 +371,9 @@ class KernelChooser:
 
     def _trial(self, kind: tuple, inputs: tuple) -> torch.Tensor:
         candidates = [kernel for kernel in self.kernels if kernel.applies(*inputs)]
+        if not candidates:  # a new kind of weight, say, that no kernel takes yet
+            raise NotImplementedError(f"no kernel computes products of kind {kind}: add a Kernel whose `applies` "
+                                      "accepts them to CPU_KERNELS or DEVICE_KERNELS (products.py)")
         if len(candidates) == 1:  # nothing to choose between: no timing
             self.chosen[kind] = candidates[0]
             return candidates[0].compute(*inputs)
@@ -398,11 +402,9 @@ DEVICE_CHOOSERS = {}  # device ("cuda:0", "mps:0") -> its KernelChooser of DEVIC
 def synchronized_clock(device: torch.device) -> Callable[[], float]:
     """time.perf_counter once the device has finished the work queued on it: a GPU runs a product
     after the call that queued it has returned."""
-    accelerator = torch.accelerator.current_accelerator()
 
     def clock() -> float:
-        if accelerator is not None and device.type == accelerator.type:
-            torch.accelerator.synchronize(device)
+        synchronize(device)
         return time.perf_counter()
 
     return clock
@@ -536,15 +538,15 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -
     return ATTENTION_CHOOSER(q, keys, values, mask)
 
 
-def chosen_attention(device: torch.device, batch: int, seq: int = 1) -> str:
-    """The attention kernels chosen so far on `device` for `seq` new tokens per sequence, with the
-    cache sizes each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32
+def chosen_attention(device: torch.device, batch: int) -> str:
+    """The attention kernels chosen so far on `device` for decode steps (one new token per
+    sequence) of `batch` sequences, with the cache sizes each served, e.g. "SDPA in float32 (cached <= 64); grouped products in float32
     (cached <= 128, 256)"; "SDPA" off the CPU, or "(still timing)"."""
     if device.type != "cpu":
         return "SDPA"
     served = {}  # kernel name -> cache sizes
     for kind, kernel in sorted(ATTENTION_CHOOSER.chosen.items(), key=lambda item: item[0].cached_tokens):
-        if kind.batch == power_of_two_at_least(batch) and kind.new_tokens == power_of_two_at_least(seq):
+        if kind.batch == power_of_two_at_least(batch) and kind.new_tokens == 1:
             served.setdefault(kernel.name, []).append(str(kind.cached_tokens))
     return "; ".join(f"{name} (cached <= {', '.join(sizes)})" for name, sizes in served.items()) or "(still timing)"
 
