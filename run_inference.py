@@ -76,7 +76,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
         resolve_dtype,
     )
     from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
-    from llama_models.llama3.quantize import SCHEMES, QuantizedWeight
+    from llama_models.llama3.quantize import SCHEMES, QuantizedWeight, listed
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
              "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
@@ -129,7 +129,7 @@ WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": (1, None), "BEAM_WIDTH": (1, None), "
 NUMBER_SETTINGS = {"LENGTH_PENALTY": (-10, 10), "TEMPERATURE": (0, None), "TOP_P": (0, 1)}  # ranges
 SWITCH_SETTINGS = ("CHAT", "SHOW_TOKENS", "SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "SHOW_MEMORY", "SHOW_PROFILE")
 TEXT_SETTINGS = {"MODEL_NAME": False, "LLAMA_MODELS_DIR": False, "INPUT_STRING": False, "SYSTEM_PROMPT": True,
-                 "ATTENTION_PNG": True}  # may it be None?
+                 "ATTENTION_PNG": True, "DEVICE": False, "DTYPE": True}  # may it be None? (values: chapter 6)
 
 
 def check_settings() -> None:
@@ -157,7 +157,7 @@ def check_settings() -> None:
     if DECODING not in ("greedy", "beam", "sample"):
         raise LlamaError(f"DECODING = {DECODING!r}: use 'greedy', 'beam' or 'sample'")
     if QUANTIZE not in (None, *SCHEMES):
-        raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, 'int8', 'int4' or 'fp16'")
+        raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, {listed(SCHEMES)}")
     if ATTENTION_PNG is not None:  # now, not after the model has loaded and answered
         check_attention_png(Path(ATTENTION_PNG).expanduser())
 
@@ -496,7 +496,7 @@ def greedy_decode(model, prompt_tokens: list, max_new_tokens: int, stop_tokens=f
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the most likely tokens whose probabilities add up to top_p, and renormalise.
 
-    Sorted from most to least likely, a token is kept if the tokens before it hold less than top_p,
+    Sorted from most to least likely, a token is kept if the tokens before it hold at most top_p,
     so the token that crosses top_p is kept and the most likely token always is.
     Example: [0.5, 0.3, 0.15, 0.05] with top_p 0.9 keeps the first three.
     """
@@ -713,11 +713,12 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
     prompt, reused = conversation.tokens() + user, conversation.cached
     # A new seed each turn (the same in every process), else each answer would draw the same numbers.
     steps = decode_steps(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, seed=SEED + turn, cached=reused)
-    answer, started, first_token = [], time.perf_counter(), None
+    streamed, started = Streamed(), time.perf_counter()
+    answer = streamed.tokens
     try:
         if is_main:
             with alternatives_shown(model) as alternatives:
-                _, first_token = stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives, tokens=answer)
+                stream_tokens(steps, tokenizer, SHOW_TOKENS, streamed, alternatives)
         else:
             answer.extend(token for token, _ in steps)
     except KeyboardInterrupt:
@@ -731,7 +732,7 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
     # may not have finished, so only what was cached before is sure.
     conversation.cached = len(prompt) + len(answer) - 1 if answer else reused
     if is_main:
-        rate = decode_rate(len(answer), first_token, finished)
+        rate = decode_rate(len(answer), streamed.first_token_time, finished)
         print(f"[prefilled {len(prompt) - reused}, reused {reused}, answer {len(answer)} tokens in "
               f"{finished - started:.1f} s" + (f", decode {rate:.1f} tokens/s" if rate else "") + "]\n")
 
@@ -1163,11 +1164,18 @@ def padded(text: str, columns: int) -> str:
     return text + " " * (columns - width)
 
 
-def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: list = None, tokens: list = None):
-    """Print each (token, probability) as it arrives; return the tokens and the time of the first.
+@dataclasses.dataclass
+class Streamed:
+    """What stream_tokens has printed so far: kept by the caller, so that Ctrl-C loses none of it."""
+
+    tokens: list = dataclasses.field(default_factory=list)
+    first_token_time: float = None  # time.perf_counter() when the first token arrived
+
+
+def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, streamed: Streamed, alternatives: list = None):
+    """Print each (token, probability) as it arrives, recording it in `streamed`.
 
     A table instead of text when show_tokens or `alternatives` (recorded per step, see chapter 7c).
-    The tokens are appended to `tokens` when given, so that a caller keeps them if interrupted.
     """
     table = show_tokens or alternatives is not None
     text_width = 16 if alternatives is not None else 0  # align the alternatives column
@@ -1175,9 +1183,9 @@ def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: 
         prob = "p(drawn)" if DECODING == "sample" else "prob"
         header = f"{'step':>5}  {'id':>6}  {prob:>8}  {'text':<{text_width}}"
         print(header + ("  |  entropy  alternatives (the model's distribution)" if alternatives is not None else ""))
-    decoder, tokens, first_token_time = StreamingDecoder(tokenizer), [] if tokens is None else tokens, None
+    decoder, tokens = StreamingDecoder(tokenizer), streamed.tokens
     for token, probability in steps:
-        first_token_time = first_token_time or time.perf_counter()
+        streamed.first_token_time = streamed.first_token_time or time.perf_counter()
         tokens.append(token)
         if table:
             print_token_row(len(tokens), token, probability, tokenizer, text_width)
@@ -1187,7 +1195,6 @@ def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, alternatives: 
         else:
             print(decoder.push(token), end="", flush=True)
     print(decoder.flush())
-    return tokens, first_token_time
 
 
 def print_beams(beams: list, tokenizer: Tokenizer) -> None:
@@ -1237,9 +1244,10 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
         for _ in steps:
             pass
         return
+    streamed = Streamed()
     with alternatives_shown(model) as alternatives:  # None when SHOW_ALTERNATIVES is 0
-        tokens, first_token = stream_tokens(steps, tokenizer, SHOW_TOKENS, alternatives)
-    print_timing(len(prompt), len(tokens), started, first_token, time.perf_counter())
+        stream_tokens(steps, tokenizer, SHOW_TOKENS, streamed, alternatives)
+    print_timing(len(prompt), len(streamed.tokens), started, streamed.first_token_time, time.perf_counter())
 
 
 def run() -> None:

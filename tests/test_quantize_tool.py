@@ -120,7 +120,7 @@ def test_the_folder_runs_in_float32_too(quantized):
 
 
 @pytest.mark.parametrize("problem, arguments, culprit", [
-    ("unknown scheme", ["int3"], "unknown scheme 'int3': use int8 or int4"),
+    ("unknown scheme", ["int3"], "unknown scheme 'int3': use 'int8' or 'int4'"),
     ("fp16", ["fp16"], "fp16 is packed for fbgemm at every load and cannot be stored"),
     ("group size not taken", ["int4", "--group-size", "48"], "int4 group size 48 is not one of 32, 64, 128, 256"),
     ("group size not dividing", ["int4", "--group-size", "64"], "does not divide the input width 96"),

@@ -353,18 +353,17 @@ def test_streaming_prints_multi_byte_characters_whole(tiny_checkpoint, capsys):
     text = "héllo 🦙"
     tokens = tokenizer.encode(text, bos=False, eos=False)
     assert len(tokens) == len(text.encode("utf-8")) > len(text)  # é and 🦙 are split over several tokens
-    returned, first_token_time = run_inference.stream_tokens(
-        [(token, 1.0) for token in tokens], tokenizer, show_tokens=False
-    )
+    streamed = run_inference.Streamed()
+    run_inference.stream_tokens([(token, 1.0) for token in tokens], tokenizer, show_tokens=False, streamed=streamed)
     assert capsys.readouterr().out == text + "\n"
-    assert returned == tokens
-    assert first_token_time is not None
+    assert streamed.tokens == tokens
+    assert streamed.first_token_time is not None
 
 
 def test_token_table_shows_partial_characters_as_bytes(tiny_checkpoint, capsys):
     tokenizer = Tokenizer(tiny_checkpoint("gqa4") / "tokenizer.model")
     tokens = tokenizer.encode("é🦙", bos=False, eos=False)  # 2 + 4 bytes, none valid UTF-8 alone
-    run_inference.stream_tokens([(token, 0.25) for token in tokens], tokenizer, show_tokens=True)
+    run_inference.stream_tokens([(token, 0.25) for token in tokens], tokenizer, True, run_inference.Streamed())
     rows = capsys.readouterr().out.splitlines()
     assert len(rows) == 1 + len(tokens) + 1  # header, one row per token, the final flush line
     assert "\ufffd" not in "".join(rows)
@@ -551,6 +550,21 @@ def test_the_script_prints_the_note(tiny_checkpoint):
                           checkpoint=tiny_checkpoint("gqa4"))
     assert_ran_cleanly(finished)
     assert "note: SHOW_TOKENS = True shows greedy or sampled tokens" in finished.stdout
+
+
+def chapter_1_settings() -> list:
+    """The names the Settings chapter assigns, read from the script's text."""
+    text = Path(run_inference.__file__).read_text()
+    chapter = text[text.index("# 1. Settings"):text.index("# Each setting's kind")]
+    return re.findall(r"^([A-Z][A-Z0-9_]*) = ", chapter, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", chapter_1_settings())
+def test_every_setting_has_its_kind_checked(monkeypatch, name):
+    """A setting added to chapter 1 but to none of check_settings' tables would go unchecked."""
+    monkeypatch.setattr(run_inference, name, object())  # of no setting's kind
+    with pytest.raises(run_inference.LlamaError, match=f"^{name} = "):
+        run_inference.check_settings()
 
 
 def test_the_default_settings_pass_their_check():

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # noqa: E402
 from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
-from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, quantized  # noqa: E402
+from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, listed, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
 from .reshard import OneLineParser, check_destination, new_folder, note_if_instruct_is_dropped, run_tool  # noqa: E402
 
@@ -45,7 +45,7 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
         raise LlamaError("fp16 is packed for fbgemm at every load and cannot be stored (fbgemm saves a packed matrix "
                          "by unpacking it): use QUANTIZE = 'fp16' (load_llama(..., quantize='fp16')) on the bfloat16 folder")
     if scheme not in STORED_SCHEMES:
-        raise LlamaError(f"unknown scheme {scheme!r}: use int8 or int4")
+        raise LlamaError(f"unknown scheme {scheme!r}: use {listed(STORED_SCHEMES)}")
     if "RANK" in os.environ:  # torchrun: every process would write the same folder
         raise LlamaError("run python -m llama_models.quantize as one process, not under torchrun: torchrun "
                          "then loads the folder it writes")

@@ -156,7 +156,8 @@ def end_model_parallel() -> None:
 
     A process that exits with its group still open can abort ("terminate called without an active
     exception") while the other processes are closing their connections to it, and torchrun then
-    reports the run as failed: 7 of 12 two-process gloo runs did so here, none after this call.
+    reports the run as failed: 7 of 12 two-process gloo runs did so in one trial (a 2-core AMD
+    EPYC), none after this call.
     `init_model_parallel` registers this to run at exit when it opened the group, so a program need
     not call it; calling it earlier frees the group sooner, and a second call does nothing.
     Models built before cannot run afterwards: fairscale's layers look up the group at every call.

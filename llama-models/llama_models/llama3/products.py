@@ -64,8 +64,8 @@ stops early: where bfloat16 products are slow, a prompt's bfloat16 candidates ta
 longer than the float32 copy, and two trials show it. The trials are the model's own products,
 so choosing costs no extra work, only the difference between the slower candidates and the
 fastest during those first products: part of the first prompt, and the first decode steps (the
-output layer runs once a step, so its kind takes the most: TRIALS steps per candidate, 15 for a
-bfloat16 one's five, fewer where slow ones stop early).
+output layer runs once a step, so its kind takes the most: TRIALS steps per candidate that
+applies, fewer where slow ones stop early).
 `chosen_kernel(rows, weight)` names what was chosen; run_inference.py's SHOW_PROFILE shows it
 beside the time each part of a decode step takes.
 
@@ -262,7 +262,8 @@ PROBE_TOLERANCE = 0.02
 
 def built_in_kernel_serves(weight, dtype: torch.dtype) -> bool:
     """Whether PyTorch's built-in kernel for this quantized matrix's scheme multiplies it by
-    activations in `dtype` on its device (off the CPU; products.py times it there)."""
+    activations in `dtype` on its device (off the CPU, where DEVICE_KERNELS time it against
+    dequantizing)."""
     return (weight.dtype in ("int8", "int4")
             and weight.shape[0] % BUILT_IN_ROW_MULTIPLE == 0 and weight.shape[1] % BUILT_IN_INPUT_MULTIPLE == 0
             and built_in_kernel_agrees(weight.device, weight.dtype, dtype, getattr(weight, "group_size", 0)))

@@ -45,6 +45,12 @@ from .sharding import release_mapped_pages, same_memory
 
 SCHEMES = ("int8", "int4", "fp16")
 STORED_SCHEMES = ("int8", "int4")  # what a file can hold (python -m llama_models.quantize); fp16 is packed at load
+
+
+def listed(schemes) -> str:
+    """The schemes for a message: "'int8', 'int4' or 'fp16'"."""
+    quoted = [repr(scheme) for scheme in schemes]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
 GROUP_SIZE = 32  # int4: inputs per scale and zero point
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch._weight_int4pack_mm_for_cpu takes
 # The CPU int4 kernel's packed layout is converted from ours this many rows at a time: the
@@ -57,9 +63,10 @@ class QuantizedWeight(nn.Module):
     """A quantized (out, in) matrix: what products.linear and products.embedding dispatch on.
 
     A new kind subclasses this, with its numbers in buffers (an nn.Module's `.to(dtype)` casts every
-    floating-point buffer: right for scales, which are kept in the model's dtype; a kind with other
-    floating buffers overrides `scales_dtype` and `_apply`, as Float16Weight does), and adds its
-    kernels to products.py's CPU_KERNELS or DEVICE_KERNELS.
+    floating-point buffer: right for scales, which are kept in the model's dtype), and adds its
+    kernels to products.py's CPU_KERNELS or DEVICE_KERNELS. A kind whose numbers are not buffers
+    overrides what reads them (`_apply`, `device`, `nbytes`, `stored_pieces`, `scales_dtype`), as
+    Float16Weight, which holds fbgemm's packed blocks, does.
     """
 
     kind: str  # "int8", "int4" or "fp16", as in SCHEMES
@@ -228,9 +235,10 @@ class Int4Weight(QuantizedWeight):
         scale, zero = scale.movedim(0, -1)[..., None].to(dtype), zero.movedim(0, -1)[..., None].to(dtype)
         return ((grouped - 8) * scale + zero).flatten(-2)
 
-    def _only_packed(self) -> LlamaError:
-        return LlamaError(f"this int4 matrix was packed for the {self.packed.device.type} kernel and kept only that "
-                          "layout: load the model on the device it runs on (load_llama(..., device=...))")
+    def _only_packed(self) -> LlamaError:  # moved to another device, or its numbers asked for
+        return LlamaError(f"this int4 matrix kept only the {self.packed.device.type} kernel's packing, not its codes: "
+                          "load the model on the device it runs on (load_llama(..., device=...)), or quantize its "
+                          "float weights again to read its numbers")
 
     def _code_values(self, rows: slice) -> torch.Tensor:  # (rows, in) codes 0..15, uint8
         if self.codes is not None:
@@ -449,7 +457,7 @@ def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE, rows=()) -> 
     """One line for an unknown scheme, or an int4 group size that PyTorch's kernel does not take or
     that does not divide every input width (and int4 needs output rows in multiples of 16)."""
     if scheme not in SCHEMES:
-        raise LlamaError(f"unknown quantization {scheme!r}: use None, 'int8', 'int4' or 'fp16'")
+        raise LlamaError(f"unknown quantization {scheme!r}: use None, {listed(SCHEMES)}")
     if scheme == "fp16" and not fbgemm_available():
         raise LlamaError("fp16 packs the matrices for PyTorch's fbgemm library, which this PyTorch build lacks "
                          "(it comes with x86 builds): use None, 'int8' or 'int4'")
