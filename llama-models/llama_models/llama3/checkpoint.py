@@ -316,6 +316,11 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
         torch.set_default_dtype(previous_dtype)
 
 
+MISMATCH_HELP = "params.json and the weights come from different models; download them together"
+QUANTIZED_HELP = ('it was written by llama_models.quantize, and params.json\'s "quantization" must say how: '
+                  "restore the params.json it wrote, or quantize the bfloat16 checkpoint again")
+
+
 def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) -> dict:
     """Return the tensors the model expects, by name, after checking every name and shape.
 
@@ -325,42 +330,51 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
     folder, `output.weight.values` ... are then the embedding's).
     """
     tensors = {name: t for name, t in state_dict.items() if isinstance(t, torch.Tensor) and name != "rope.freqs"}
-    if not any(name.startswith("output.weight") for name in tensors):
-        for name in [name for name in tensors if name.startswith("tok_embeddings.weight")]:
-            tensors[name.replace("tok_embeddings", "output", 1)] = tensors[name]
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    expected_dtypes = {name: t.dtype for name, t in model.state_dict().items()}
-    mismatch_help = "params.json and the weights come from different models; download them together"
-    quantized_parts = [name for name in tensors if name.endswith(QUANTIZED_PART_NAMES)]
-    quantized_help = ('it was written by llama_models.quantize, and params.json\'s "quantization" must say how: '
-                      "restore the params.json it wrote, or quantize the bfloat16 checkpoint again")
-    if quantized_parts and not any(name.endswith(quantized_parts[0].rsplit(".", 1)[1]) for name in expected):
-        scheme = (model.args.quantization or {}).get("scheme")
-        said = f"params.json's scheme, {scheme}, does not describe" if scheme else "params.json does not announce"
-        raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that {said}: {quantized_help}")
-    for name, shape in expected.items():
+    tie_output_to_embedding(tensors)
+    expected = model.state_dict()
+    check_quantization_is_announced(tensors, expected, model.args, path)
+    for name, wanted in expected.items():
         if name not in tensors:
-            raise LlamaError(f"{path} has no tensor {name!r} that params.json implies: {mismatch_help}")
-        if tuple(tensors[name].shape) != shape and name.endswith(QUANTIZED_PART_NAMES):
-            raise LlamaError(f"tensor {name!r} in {path} has shape {tuple(tensors[name].shape)}, not the {shape} "
-                             f"that params.json's \"quantization\" implies: {quantized_help}")
-        if tuple(tensors[name].shape) != shape:
-            raise LlamaError(
-                f"tensor {name!r} in {path} has shape {tuple(tensors[name].shape)} but params.json "
-                f"implies {shape}: {mismatch_help}"
-            )
-        if not holds_numbers_of_the_kind(tensors[name].dtype, expected_dtypes[name]):
-            fix = quantized_help if name.endswith(QUANTIZED_PART_NAMES) else "download the checkpoint again"
-            taken = "floating-point ones" if expected_dtypes[name].is_floating_point else expected_dtypes[name]
-            raise LlamaError(f"tensor {name!r} in {path} holds {tensors[name].dtype} numbers where the model takes "
-                             f"{taken}: the file is damaged or was not written for Llama; {fix}")
+            raise LlamaError(f"{path} has no tensor {name!r} that params.json implies: {MISMATCH_HELP}")
+        check_tensor(name, tensors[name], wanted, path)
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise LlamaError(
             f"{path} has tensor {unexpected[0]!r} that this model does not use ({len(unexpected)} such): "
-            f"Meta's quantized or vision checkpoints are not supported, otherwise {mismatch_help}"
+            f"Meta's quantized or vision checkpoints are not supported, otherwise {MISMATCH_HELP}"
         )
     return tensors
+
+
+def tie_output_to_embedding(tensors: dict) -> None:
+    """Without an output layer (Llama 3.2 1B and 3B), the embedding's tensors serve as it, in place."""
+    if not any(name.startswith("output.weight") for name in tensors):
+        for name in [name for name in tensors if name.startswith("tok_embeddings.weight")]:
+            tensors[name.replace("tok_embeddings", "output", 1)] = tensors[name]
+
+
+def check_quantization_is_announced(tensors: dict, expected: dict, args, path: Path) -> None:
+    """A quantize tool's folder whose params.json lost (or changed) its "quantization" would
+    otherwise be blamed on the tensors' names."""
+    quantized_parts = [name for name in tensors if name.endswith(QUANTIZED_PART_NAMES)]
+    if quantized_parts and not any(name.endswith(quantized_parts[0].rsplit(".", 1)[1]) for name in expected):
+        scheme = (args.quantization or {}).get("scheme")
+        said = f"params.json's scheme, {scheme}, does not describe" if scheme else "params.json does not announce"
+        raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that {said}: {QUANTIZED_HELP}")
+
+
+def check_tensor(name: str, stored: torch.Tensor, wanted: torch.Tensor, path: Path) -> None:
+    """The file's tensor has the shape the model's has, and numbers of its kind."""
+    shape, is_quantized_part = tuple(wanted.shape), name.endswith(QUANTIZED_PART_NAMES)
+    if tuple(stored.shape) != shape:
+        implies = "params.json's \"quantization\" implies" if is_quantized_part else "params.json implies"
+        raise LlamaError(f"tensor {name!r} in {path} has shape {tuple(stored.shape)}, not the {shape} that "
+                         f"{implies}: {QUANTIZED_HELP if is_quantized_part else MISMATCH_HELP}")
+    if not holds_numbers_of_the_kind(stored.dtype, wanted.dtype):
+        fix = QUANTIZED_HELP if is_quantized_part else "download the checkpoint again"
+        taken = "floating-point ones" if wanted.dtype.is_floating_point else wanted.dtype
+        raise LlamaError(f"tensor {name!r} in {path} holds {stored.dtype} numbers where the model takes "
+                         f"{taken}: the file is damaged or was not written for Llama; {fix}")
 
 
 def holds_numbers_of_the_kind(stored: torch.dtype, taken: torch.dtype) -> bool:
