@@ -60,6 +60,7 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         self._check_kinds()
+        self._check_quantization()
         self._check_runtime_sizes()
         self._check_shapes()
         self.head_dim = self.dim // self.n_heads
@@ -83,7 +84,6 @@ class ModelArgs:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise LlamaError(f"{name} is {value!r} in params.json: it must be a positive finite number, as in "
                                  "Meta's file; download params.json again or correct it")
-        self._check_quantization()
         if not isinstance(self.use_scaled_rope, bool):
             raise LlamaError(f"use_scaled_rope is {self.use_scaled_rope!r} in params.json: it must be true or "
                              "false without quotes; download params.json again or correct it")
