@@ -128,5 +128,6 @@ def mapped_file_rss_bytes(path: Path) -> int:
 
 
 def folder_snapshot(folder: Path) -> dict:
-    """{file name: (size, modification time)}: compare before and after to prove nothing changed."""
-    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(folder.iterdir())}
+    """{file name: (size, modification time)}: compare before and after to prove nothing changed.
+    (Of a link, the link's own: it may point nowhere.)"""
+    return {path.name: (path.lstat().st_size, path.lstat().st_mtime_ns) for path in sorted(folder.iterdir())}

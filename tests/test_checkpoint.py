@@ -178,6 +178,34 @@ def test_stray_extra_shard_is_caught_by_the_shape_check(checkpoint_copy):
     assert "tok_embeddings.weight" in message and checkpoint_copy.name in message and "different models" in message
 
 
+def test_a_pth_file_not_named_as_a_shard_is_named(checkpoint_copy):
+    shutil.copyfile(checkpoint_copy / "consolidated.00.pth", checkpoint_copy / "consolidated.00 (copy).pth")
+    assert "consolidated.00 (copy).pth is not a shard's name" in load_error(checkpoint_copy)
+
+
+def test_a_gap_in_the_shard_numbers_names_the_missing_shard(checkpoint_copy):
+    shutil.copyfile(checkpoint_copy / "consolidated.00.pth", checkpoint_copy / "consolidated.02.pth")
+    assert "has 2 shards but no consolidated.01.pth" in load_error(checkpoint_copy)
+
+
+def test_a_missing_last_shard_is_suggested_by_the_sizes(tiny_checkpoint, tmp_path, capsys):
+    """Without its last shard a folder looks like a whole checkpoint of half-size matrices."""
+    reshard.main([str(tiny_checkpoint("gqa3")), str(tmp_path / "two"), "2"])
+    (tmp_path / "two" / "consolidated.01.pth").unlink()
+    assert "(1/2 of it: if the checkpoint has 2 shards, some are missing" in load_error(tmp_path / "two")
+
+
+@pytest.mark.parametrize("damage", ["dangling link", "folder"])
+def test_a_shard_that_is_no_file_is_named(checkpoint_copy, damage):
+    """A Hugging Face cache links each file to a blob, which may be missing."""
+    shard = checkpoint_copy / "consolidated.00.pth"
+    shard.unlink()
+    shard.symlink_to(checkpoint_copy / "blob-that-never-came") if damage == "dangling link" else shard.mkdir()
+    expected = "which does not exist" if damage == "dangling link" else "is a folder where the file of weights"
+    message = load_error(checkpoint_copy)
+    assert message.startswith(f"{shard} ") and expected in message
+
+
 @pytest.mark.parametrize("extra", [{"quantization_args": {"group_size": 256}}, {"vision_chunk_size": 560}])
 def test_quantized_and_vision_checkpoints_are_refused(checkpoint_copy, extra):
     params = json.loads((checkpoint_copy / "params.json").read_text())

@@ -187,6 +187,48 @@ def test_reshard_refuses_in_one_line_and_leaves_the_source_alone(sharded, tmp_pa
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("damage", ["shards disagree", "tensor missing", "wrong shape"])
+def test_reshard_reads_the_source_as_the_loader_does(sharded, tmp_path, capsys, damage):
+    """A damaged source is refused before anything is written, where a copy of it would load no better."""
+    source = shutil.copytree(sharded[2], tmp_path / "damaged")
+    shard = source / "consolidated.01.pth"
+    tensors = torch.load(shard, weights_only=True)
+    if damage == "shards disagree":
+        tensors["layers.0.attention.wo.weight"] = tensors["layers.0.attention.wo.weight"][:, :8].clone()
+    elif damage == "tensor missing":
+        del tensors["layers.1.feed_forward.w3.weight"]
+    for path in source.glob("*.pth") if damage == "wrong shape" else ():
+        both = torch.load(path, weights_only=True)
+        both["norm.weight"] = both["norm.weight"][:-1].clone()
+        torch.save(both, path)
+    if damage != "wrong shape":
+        torch.save(tensors, shard)
+    expected = {"shards disagree": "'layers.0.attention.wo.weight' has shape", "tensor missing": "no tensor",
+                "wrong shape": "'norm.weight'"}[damage]
+    for n_shards in ("1", "4"):
+        assert reshard.main([str(source), str(tmp_path / "copy"), n_shards]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and expected in error, error
+        assert not (tmp_path / "copy").exists()
+
+
+def test_reshard_refuses_to_run_under_torchrun(sharded, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    assert reshard.main([str(sharded[1]), str(tmp_path / "copy"), "2"]) == 2
+    assert "not under torchrun" in capsys.readouterr().err and not (tmp_path / "copy").exists()
+
+
+def test_the_tools_write_nothing_inside_a_hugging_face_folder(sharded, tmp_path, capsys):
+    """There the checkpoint is in original/, and the folder above is the source too."""
+    folder = tmp_path / "Llama-hf"
+    shutil.copytree(sharded[1], folder / "original")
+    assert reshard.main([str(folder), str(folder / "mp2"), "2"]) == 2
+    assert quantize_tool.main([str(folder), str(folder / "int8"), "int8"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all("is the source checkpoint folder or inside it" in line for line in errors)
+    assert sorted(path.name for path in folder.iterdir()) == ["original"]
+
+
 # --- torchrun -----------------------------------------------------------------------------------
 
 

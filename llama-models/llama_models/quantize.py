@@ -29,7 +29,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no trac
 import torch  # noqa: E402
 
 from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # noqa: E402
-from .llama3.checkpoint import build_model, find_checkpoint_files, init_model_parallel, match_checkpoint_to_model  # noqa: E402
+from .llama3.checkpoint import find_checkpoint_files, whole_tensor_shapes  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, listed, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
 from .reshard import OneLineParser, check_destination, new_folder, note_if_instruct_is_dropped, run_tool  # noqa: E402
@@ -51,13 +51,15 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
                          "then loads the folder it writes")
     files = find_checkpoint_files(src)
     dst = Path(dst).expanduser()
-    check_destination(files.folder, dst)
+    check_destination(Path(src).expanduser(), dst)
     args = ModelArgs.from_json_file(files.params)
     if args.quantization:
         raise LlamaError(f"{files.folder} is already quantized ({args.quantization['scheme']}, by this tool): "
                          "quantize the bfloat16 checkpoint it came from")
     shards = ShardFiles(files.shards)
     shapes = whole_tensor_shapes(shards, args, files.folder)
+    if "output.weight" in shapes and output_is_the_embedding(shards):  # a tied output layer is written once
+        del shapes["output.weight"]
     names = list(shapes)
     matrices = [name for name in names if split_dim(without_layer_prefix(name)) is not None]
     check_scheme(scheme, [shapes[name][1] for name in matrices], group_size, [shapes[name][0] for name in matrices])
@@ -79,35 +81,10 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
 # ------------------------------------------------------------------------------------------------
 
 
-def whole_tensor_shapes(shards: ShardFiles, args: ModelArgs, folder: Path) -> dict:
-    """{name: shape in one piece} of the tensors to write, checked against params.json as the loader
-    checks them: a tied output layer (absent, or the embedding's own storage, as in Meta's 3.2 1B/3B)
-    is written once, as the embedding."""
-    init_model_parallel(torch.device("cpu"))  # a group of one process: the model is built whole
-    model = build_model(args, torch.device("meta"), torch.bfloat16)  # shapes only
-    shapes = {name: whole_shape(shards, name) for name in shards.tensor_names(0)}
-    stand_ins = {name: torch.empty(shape, dtype=shards.tensor(0, name).dtype, device="meta")
-                 for name, shape in shapes.items()}
-    match_checkpoint_to_model(stand_ins, model, folder)  # one line naming any tensor that does not fit
-    shapes.pop("rope.freqs", None)
-    if "output.weight" in shapes and output_is_the_embedding(shards):
-        del shapes["output.weight"]
-    return shapes
-
-
 def output_is_the_embedding(shards: ShardFiles) -> bool:
     """Is output.weight stored as the embedding's own numbers (one tensor saved under two names)?"""
     return len(shards) == 1 and same_memory(shards.tensor(0, "output.weight")) == same_memory(
         shards.tensor(0, "tok_embeddings.weight"))
-
-
-def whole_shape(shards: ShardFiles, name: str) -> tuple:
-    """The tensor's shape in one piece: the shards' slices along its split dimension, added up."""
-    shape = list(shards.tensor(0, name).shape)
-    dim = split_dim(without_layer_prefix(name))
-    if dim is not None:
-        shape[dim] *= len(shards)
-    return tuple(shape)
 
 
 def quantized_layout(shards: ShardFiles, shapes: dict, matrices: list, scheme: str, group_size: int) -> dict:

@@ -33,7 +33,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no trac
 import torch  # noqa: E402
 
 from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # noqa: E402
-from .llama3.checkpoint import find_checkpoint_files  # noqa: E402
+from .llama3.checkpoint import find_checkpoint_files, whole_tensor_shapes  # noqa: E402
 from .llama3.sharding import (  # noqa: E402
     KV_WEIGHTS,
     ShardFiles,
@@ -50,14 +50,18 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise LlamaError(f"N = {n_shards}: the number of shards must be a whole number of at least 1, "
                          "the number of processes that will run the copy")
+    if "RANK" in os.environ:  # torchrun: every process would write the same folder
+        raise LlamaError("run python -m llama_models.reshard as one process, not under torchrun: torchrun "
+                         "then loads the folder it writes")
     files = find_checkpoint_files(src)
     dst = Path(dst).expanduser()
-    check_destination(files.folder, dst)
+    check_destination(Path(src).expanduser(), dst)
     args = ModelArgs.from_json_file(files.params)
     if args.quantization:
         raise LlamaError(f"{files.folder} is quantized ({args.quantization['scheme']}): torchrun loads it as it is, "
                          "with any process count that fits (each process cuts its slice from the one file)")
     check_world_size(args, len(files.shards), n_shards, files.folder)
+    whole_tensor_shapes(ShardFiles(files.shards), args, files.folder)  # the source as the loader would check it
 
     loaded_args = args_for_model_parallel(args, n_shards)  # what the loader would build for N processes
     written_kv_heads = math.lcm(count_distinct_kv_heads(ShardFiles(files.shards), args), n_shards)

@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -35,8 +36,8 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 from .args import LlamaError, ModelArgs
 from .model import Transformer
 from .quantize import pack_for_cpu, quantize as quantize_weights
-from .sharding import (QUANTIZED_PART_SPLIT, args_for_model_parallel, check_world_size, local_state_dict,
-                       release_mapped_pages, same_memory)
+from .sharding import (QUANTIZED_PART_SPLIT, ShardFiles, args_for_model_parallel, check_world_size,
+                       local_state_dict, release_mapped_pages, same_memory)
 from .tokenizer import Tokenizer
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
@@ -271,7 +272,22 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
     shards = sorted(folder.glob("*.pth"))
     if not shards:
         raise LlamaError(f"no consolidated.*.pth weights in {folder}: the download is incomplete; download the model again")
+    check_shard_names(shards, folder)
     return CheckpointFiles(params, tokenizer, shards)
+
+
+def check_shard_names(shards: list, folder: Path) -> None:
+    """N shards are consolidated.00.pth ... consolidated.<N-1>.pth: any other .pth file would be read
+    as a shard, and a gap means one is missing."""
+    expected = [folder / f"consolidated.{index:02d}.pth" for index in range(len(shards))]
+    strays = [shard.name for shard in shards if not re.fullmatch(r"consolidated\.\d\d+\.pth", shard.name)]
+    if strays:
+        raise LlamaError(f"{folder / strays[0]} is not a shard's name (Meta's are consolidated.00.pth, "
+                         "consolidated.01.pth, ...), yet every .pth file would be read as one: move it out of the folder")
+    missing = [path.name for path in expected if path not in shards]
+    if missing:
+        raise LlamaError(f"{folder} has {len(shards)} shards but no {missing[0]}: the download is incomplete; "
+                         "download the model again")
 
 
 def checkpoint_folders_inside(folder: Path, most: int = 4) -> list:
@@ -346,6 +362,20 @@ def match_checkpoint_to_model(state_dict: dict, model: Transformer, path: Path) 
     return tensors
 
 
+def whole_tensor_shapes(shards: ShardFiles, args: ModelArgs, folder: Path) -> dict:
+    """{name: shape in one piece} of a checkpoint's tensors, checked against params.json as loading
+    checks them (one line naming any tensor that does not fit): for the tools, which read a whole
+    checkpoint in one process."""
+    init_model_parallel(torch.device("cpu"))  # a group of one process: the model is built whole
+    model = build_model(args, torch.device("meta"), torch.bfloat16)  # shapes only
+    shapes = {name: shards.whole_shape(name) for name in shards.tensor_names(0)}
+    stand_ins = {name: torch.empty(shape, dtype=shards.tensor(0, name).dtype, device="meta")
+                 for name, shape in shapes.items()}
+    match_checkpoint_to_model(stand_ins, model, folder)
+    shapes.pop("rope.freqs", None)
+    return shapes
+
+
 def tie_output_to_embedding(tensors: dict) -> None:
     """Without an output layer (Llama 3.2 1B and 3B), the embedding's tensors serve as it, in place."""
     if not any(name.startswith("output.weight") for name in tensors):
@@ -369,12 +399,22 @@ def check_tensor(name: str, stored: torch.Tensor, wanted: torch.Tensor, path: Pa
     if tuple(stored.shape) != shape:
         implies = "params.json's \"quantization\" implies" if is_quantized_part else "params.json implies"
         raise LlamaError(f"tensor {name!r} in {path} has shape {tuple(stored.shape)}, not the {shape} that "
-                         f"{implies}: {QUANTIZED_HELP if is_quantized_part else MISMATCH_HELP}")
+                         f"{implies}{missing_shards_hint(tuple(stored.shape), shape)}: "
+                         f"{QUANTIZED_HELP if is_quantized_part else MISMATCH_HELP}")
     if not holds_numbers_of_the_kind(stored.dtype, wanted.dtype):
         fix = QUANTIZED_HELP if is_quantized_part else "download the checkpoint again"
         taken = "floating-point ones" if wanted.dtype.is_floating_point else wanted.dtype
         raise LlamaError(f"tensor {name!r} in {path} holds {stored.dtype} numbers where the model takes "
                          f"{taken}: the file is damaged or was not written for Llama; {fix}")
+
+
+def missing_shards_hint(stored: tuple, wanted: tuple) -> str:
+    """Where one size is a whole fraction of the wanted one, the shards that hold the rest may be missing."""
+    differing = [(have, want) for have, want in zip(stored, wanted) if have != want]
+    if len(stored) != len(wanted) or len(differing) != 1 or differing[0][1] % differing[0][0]:
+        return ""
+    parts = differing[0][1] // differing[0][0]
+    return f" (1/{parts} of it: if the checkpoint has {parts} shards, some are missing from the folder)"
 
 
 def holds_numbers_of_the_kind(stored: torch.dtype, taken: torch.dtype) -> bool:

@@ -161,6 +161,10 @@ def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
 
 def read_shard(path: Path) -> dict:
     """Memory-map one consolidated.NN.pth. `weights_only` refuses pickled code, only tensors load."""
+    if not path.exists():  # a link to nothing: in a Hugging Face cache, a blob that was deleted or never came
+        raise LlamaError(f"{path} links to {os.readlink(path)}, which does not exist: download the checkpoint again")
+    if path.is_dir():
+        raise LlamaError(f"{path} is a folder where the file of weights should be: download the checkpoint again")
     if path.stat().st_size == 0:  # torch.load would blame the file's zip format
         raise LlamaError(f"{path} is empty: the download did not finish; download it again")
     try:
@@ -274,13 +278,30 @@ class ShardFiles:
         return [name for name, value in self._shard(index).items() if isinstance(value, torch.Tensor)]
 
     def tensor(self, index: int, name: str) -> torch.Tensor:
+        """The tensor `name` of shard `index`, of the same shape as in the first shard read: every
+        shard holds an equal slice (or a whole copy) of each tensor."""
         shard = self._shard(index)
         if name not in shard:
             raise LlamaError(
                 f"{self.paths[index]} has no tensor {name!r} although other shards have: "
                 "the shards come from different downloads; download the model again"
             )
+        first = min(self._mapped)
+        if name in self._mapped[first] and self._mapped[first][name].shape != shard[name].shape:
+            raise LlamaError(
+                f"tensor {name!r} has shape {tuple(shard[name].shape)} in {self.paths[index]} but "
+                f"{tuple(self._mapped[first][name].shape)} in {self.paths[first]}: the shards come from different "
+                "downloads, or one is damaged; download the model again"
+            )
         return shard[name]
+
+    def whole_shape(self, name: str) -> tuple:
+        """Tensor `name`'s shape in one piece: the shards' slices along its split dimension, added up."""
+        pieces = [self.tensor(index, name) for index in range(len(self))]  # each checked against the first
+        shape, dim = list(pieces[0].shape), split_dim(without_layer_prefix(name))
+        if dim is not None and dim < len(shape):  # (with too few dimensions, the loader's shape check names it)
+            shape[dim] *= len(self)
+        return tuple(shape)
 
     def release(self, tensor: torch.Tensor) -> None:
         """Call after copying `tensor` out of a shard: its pages leave this process's memory."""
