@@ -37,9 +37,10 @@ def main():
     for name in ("MODEL_NAME", "LLAMA_MODELS_DIR"):
         if not isinstance(globals()[name], str):
             raise LlamaError(f"{name} = {globals()[name]!r}: write a folder name in quotes")
-    folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME)
+    folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR) / MODEL_NAME).expanduser()
     if not folder.is_dir():
-        chosen_by = "LLAMA_CHECKPOINT_DIR" if os.environ.get("LLAMA_CHECKPOINT_DIR") else "MODEL_NAME and LLAMA_MODELS_DIR"
+        chosen_by = "LLAMA_CHECKPOINT_DIR" if os.environ.get("LLAMA_CHECKPOINT_DIR") else \
+            "MODEL_NAME and LLAMA_MODELS_DIR, or set LLAMA_CHECKPOINT_DIR"
         raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}")
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
     if len(files.shards) > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:  # several shards, or under torchrun

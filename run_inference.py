@@ -142,8 +142,8 @@ def check_settings() -> None:
         check_range(name, value, low, high)
     for name, (low, high) in NUMBER_SETTINGS.items():
         value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise LlamaError(f"{name} = {value!r}: write a number, e.g. {name} = 0.9")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
+            raise LlamaError(f"{name} = {value!r}: write a finite number, e.g. {name} = 0.9")
         check_range(name, value, low, high)
     for name in SWITCH_SETTINGS + ("IS_INSTRUCT",):
         value = settings[name]
@@ -160,6 +160,13 @@ def check_settings() -> None:
         raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, {listed(SCHEMES)}")
     if ATTENTION_PNG is not None:  # now, not after the model has loaded and answered
         check_attention_png(Path(ATTENTION_PNG).expanduser())
+
+
+def is_finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # a whole number beyond any float, such as 10**400
+        return False
 
 
 def check_range(name: str, value, low, high) -> None:  # None: no bound on that side
@@ -519,7 +526,11 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, tempera
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
 
     def draw(logits: torch.Tensor) -> tuple:
-        probs = top_p_filter(torch.softmax(logits / temperature, dim=-1), top_p)
+        # In float64 and less the largest score (softmax is the same for any shift): a temperature as
+        # small as 1e-300, which float32 rounds to 0, then makes the other scores -inf, probability
+        # 0, instead of dividing by zero or overflowing.
+        scaled = (logits.double() - logits.max()) / temperature  # (vocab,)
+        probs = top_p_filter(torch.softmax(scaled, dim=-1).float(), top_p)
         token = int(torch.multinomial(probs, num_samples=1, generator=generator))
         return token, float(probs[token])
 

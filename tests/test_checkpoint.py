@@ -98,8 +98,10 @@ def test_a_transformers_only_download_is_named(tmp_path):
     assert "transformers' copy of the weights, not Meta's files" in message and "original/*" in message
 
 
-def test_invalid_json(checkpoint_copy):
-    (checkpoint_copy / "params.json").write_text('{"dim": 96,')
+@pytest.mark.parametrize("text", ['{"dim": 96,', '{"dim": 1' + "0" * 5000 + "}", '{"x": ' + "[" * 100000 + "]" * 100000 + "}"],
+                         ids=["cut short", "a 5001-digit number", "nested 100000 deep"])
+def test_invalid_json(checkpoint_copy, text):
+    (checkpoint_copy / "params.json").write_text(text)
     assert "params.json is not valid JSON" in load_error(checkpoint_copy)
 
 
@@ -271,7 +273,7 @@ GOOD_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_s
     ("dim", "128"), ("dim", 128.0), ("dim", True), ("n_heads", 0), ("n_layers", -1), ("n_kv_heads", "2"),
     ("vocab_size", [512]), ("norm_eps", "1e-5"), ("rope_theta", 0), ("ffn_dim_multiplier", "1.5"),
     ("use_scaled_rope", "false"), ("use_scaled_rope", 1), ("ffn_dim_multiplier", float("inf")),
-    ("norm_eps", float("inf")), ("rope_theta", float("nan")),
+    ("norm_eps", float("inf")), ("rope_theta", float("nan")), ("rope_theta", 1e-50),
 ])
 def test_params_of_the_wrong_kind_are_refused_by_name(field, value):
     """A hand-edited params.json: one line naming the field and its value, never a traceback or a
@@ -286,7 +288,8 @@ def test_params_whose_model_is_not_an_object_are_refused():
         ModelArgs.from_params({"model": 5})
 
 
-@pytest.mark.parametrize("runtime", [{"max_seq_len": 0}, {"max_batch_size": "2"}, {"rope_scale_factor": -8}])
+@pytest.mark.parametrize("runtime", [{"max_seq_len": 0}, {"max_batch_size": "2"}, {"rope_scale_factor": -8},
+                                     {"rope_scale_factor": 1e-300}])
 def test_a_bad_runtime_value_is_blamed_on_the_caller_not_on_params_json(runtime):
     with pytest.raises(LlamaError, match=f"^{next(iter(runtime))}=") as error:
         ModelArgs.from_params(GOOD_PARAMS, **runtime)

@@ -324,6 +324,9 @@ def test_sample_with_temperature_zero_or_tiny_top_p_is_greedy(float32_model):
     narrow = list(run_inference.sample(model, prompt, 8, frozenset(), temperature=1.0, top_p=0.0, seed=5))
     assert [token for token, _ in narrow] == [token for token, _ in greedy]
     assert all(probability == pytest.approx(1.0) for _, probability in narrow)
+    # a temperature so small that the scores divided by it overflow float32: still the most likely token
+    frozen = list(run_inference.sample(model, prompt, 8, frozenset(), temperature=1e-300, top_p=0.9, seed=5))
+    assert [token for token, _ in frozen] == [token for token, _ in greedy]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,7 +520,7 @@ SETTINGS_OF_THE_WRONG_KIND = [
     ("MAX_NEW_TOKENS", "10"), ("MAX_NEW_TOKENS", 2.5), ("MAX_NEW_TOKENS", 0), ("BEAM_WIDTH", True),
     ("SEED", "abc"), ("SEED", 2**70), ("SHOW_ALTERNATIVES", True), ("SHOW_ALTERNATIVES", -1), ("TEMPERATURE", "0.6"),
     ("TEMPERATURE", -1), ("TOP_P", 1.5), ("TOP_P", float("nan")), ("LENGTH_PENALTY", None),
-    ("LENGTH_PENALTY", 400), ("LENGTH_PENALTY", -400), ("LENGTH_PENALTY", float("inf")),
+    ("LENGTH_PENALTY", 400), ("LENGTH_PENALTY", -400), ("LENGTH_PENALTY", float("inf")), ("TEMPERATURE", 10**400),
     ("INPUT_STRING", None), ("SYSTEM_PROMPT", 3), ("MODEL_NAME", None), ("IS_INSTRUCT", "no"),
     ("SHOW_MEMORY", "yes"), ("SHOW_PROFILE", 1), ("ATTENTION_PNG", True), ("DECODING", None),
     ("QUANTIZE", "int3"), ("QUANTIZE", True),
@@ -631,7 +634,9 @@ def test_minimal_script_names_a_missing_folder_and_the_settings_that_choose_it(t
     code = ("import minimal_run_inference as m\nm.LLAMA_MODELS_DIR = " + repr(str(tmp_path)) + "\nm.MODEL_NAME = 'nope'\n"
             "try:\n    m.main()\nexcept m.LlamaError as error:\n    print(error)")
     finished = run_python(["-c", code])
-    assert finished.stdout.strip().endswith(": correct MODEL_NAME and LLAMA_MODELS_DIR"), finished.stdout
+    assert finished.stdout.strip().endswith(": correct MODEL_NAME and LLAMA_MODELS_DIR, or set LLAMA_CHECKPOINT_DIR")
+    tilde = run_python(["minimal_run_inference.py"], checkpoint="~/no-such-folder")  # as a quoted ~ arrives
+    assert f"no checkpoint folder at {Path.home() / 'no-such-folder'}:" in tilde.stderr
 
 
 def test_run_inference_names_what_chose_a_missing_folder(tmp_path):

@@ -5,6 +5,7 @@ follow from the UTF-8 bytes of the text. Tests marked "real" use Meta's tokenize
 check it against the values Meta's own tests use; they are skipped when that file is absent.
 """
 
+import base64
 import itertools
 
 import pytest
@@ -341,8 +342,8 @@ GOOD_LINES = "AA== 0\nAQ== 1\n"
 
 @pytest.mark.parametrize(
     "bad_line",
-    ["Ag==", "Ag== two", "Ag== -2", "!!!! 2", "Ag== 2 extra"],
-    ids=["no rank", "word rank", "negative rank", "bad base64", "extra field"],
+    ["Ag==", "Ag== two", "Ag== -2", "!!!! 2", "Ag== 2 extra", "Ag== " + "9" * 5000],
+    ids=["no rank", "word rank", "negative rank", "bad base64", "extra field", "5000-digit rank"],
 )
 def test_malformed_line_names_file_and_line(tmp_path, bad_line):
     path = tmp_path / "tokenizer.model"
@@ -365,4 +366,15 @@ def test_inconsistent_file_is_rejected(tmp_path, content, message):
     path = tmp_path / "tokenizer.model"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
+        Tokenizer(path)
+
+
+def test_a_file_without_every_single_byte_is_rejected(tmp_path):
+    """One line changed to another token keeps the count right, but text with that byte has no
+    tokens: refused when read, not by tiktoken's panic when some prompt holds the byte."""
+    path = write_byte_level_tokenizer(tmp_path / "tokenizer.model", merges=HELLO_MERGES)
+    lines = path.read_bytes().splitlines()
+    lines[ord("a")] = base64.b64encode(b"zz") + b" %d" % ord("a")  # byte 'a' is a token no more
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match="no token for the byte b'a'"):
         Tokenizer(path)

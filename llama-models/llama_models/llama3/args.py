@@ -117,13 +117,16 @@ class ModelArgs:
                 raise LlamaError(f"{name}={value!r}: the KV cache's size must be a whole number of at least 1")
         factor = self.rope_scale_factor
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                                   or not 0 < factor < math.inf):
-            raise LlamaError(f"rope_scale_factor={factor!r}: it must be a positive finite number, or None for "
-                             "the model's own (8, or 32 for the Llama 3.2 1B and 3B shapes)")
+                                   or not 1 <= factor < math.inf):
+            raise LlamaError(f"rope_scale_factor={factor!r}: it must be a finite number of at least 1 (1: no "
+                             "stretching), or None for the model's own (8, or 32 for the Llama 3.2 1B and 3B shapes)")
 
     def _check_shapes(self):
         if self.dim % self.n_heads != 0:
             raise LlamaError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}: check params.json")
+        if self.rope_theta <= 1:  # the rotation frequencies theta**(-2i/head_dim) must fall, not overflow
+            raise LlamaError(f"rope_theta is {self.rope_theta!r} in params.json: it must be above 1 (Llama 3's is "
+                             "500000.0); download params.json again or correct it")
         if self.n_heads % self.n_kv_heads != 0:
             raise LlamaError(
                 f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}: check params.json"
@@ -152,8 +155,8 @@ class ModelArgs:
             raise LlamaError(f"{path} not found: a Llama checkpoint folder must contain params.json")
         try:
             params = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise LlamaError(f"{path} is not valid JSON ({error}): download params.json again") from None
+        except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, a 5,000-digit number, nested too deep
+            raise LlamaError(f"{path} is not valid JSON ({first_line(error)}): download params.json again") from None
         if not isinstance(params, dict):
             raise LlamaError(f"{path} should hold a JSON object of model arguments: download it again")
         return cls.from_params(params, **runtime)

@@ -99,6 +99,7 @@ def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
                 raise ValueError(f"{path}, line {line_number}: token {token!r} appears twice")
             ranks[token] = rank
     _check_ranks_are_contiguous(ranks, path)
+    _check_every_byte_is_a_token(ranks, path)
     return ranks
 
 
@@ -113,8 +114,8 @@ def _parse_rank_line(line: bytes, path: Path, line_number: int) -> tuple[bytes, 
         token = base64.b64decode(encoded_token, validate=True)
     except binascii.Error as error:
         raise ValueError(f"{where}: token is not valid base64: {_excerpt(encoded_token)}") from error
-    if not rank_text.isdigit():
-        raise ValueError(f"{where}: rank is not a non-negative integer: {_excerpt(rank_text)}")
+    if not rank_text.isdigit() or len(rank_text) > 9:  # Python refuses to read 4,300 digits and more
+        raise ValueError(f"{where}: rank is not a non-negative integer below 10**9: {_excerpt(rank_text)}")
     return token, int(rank_text)
 
 
@@ -129,6 +130,15 @@ def _check_ranks_are_contiguous(ranks: dict[bytes, int], path: Path) -> None:
         raise ValueError(
             f"{path}: ranks must be 0 to {len(ranks) - 1}, each used once (one per token)"
         )
+
+
+def _check_every_byte_is_a_token(ranks: dict[bytes, int], path: Path) -> None:
+    """Byte-level BPE starts every piece of text as single bytes: without one of the 256, text
+    holding that byte has no tokens (tiktoken would panic)."""
+    missing = [value for value in range(256) if bytes([value]) not in ranks]
+    if missing:
+        raise ValueError(f"{path}: no token for the byte {bytes([missing[0]])!r} ({len(missing)} of the 256 "
+                         "single bytes missing), which every byte-level tokenizer has")
 
 
 def split_long_runs(text: str, max_run: int = MAX_RUN_CHARS) -> Iterator[str]:
