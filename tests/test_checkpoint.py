@@ -273,7 +273,8 @@ GOOD_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_s
     ("dim", "128"), ("dim", 128.0), ("dim", True), ("n_heads", 0), ("n_layers", -1), ("n_kv_heads", "2"),
     ("vocab_size", [512]), ("norm_eps", "1e-5"), ("rope_theta", 0), ("ffn_dim_multiplier", "1.5"),
     ("use_scaled_rope", "false"), ("use_scaled_rope", 1), ("ffn_dim_multiplier", float("inf")),
-    ("norm_eps", float("inf")), ("rope_theta", float("nan")), ("rope_theta", 1e-50),
+    ("norm_eps", float("inf")), ("rope_theta", float("nan")), ("rope_theta", 1e-50), ("n_layers", 200000),
+    ("ffn_dim_multiplier", 1e300), ("dim", 2**30),
 ])
 def test_params_of_the_wrong_kind_are_refused_by_name(field, value):
     """A hand-edited params.json: one line naming the field and its value, never a traceback or a
@@ -294,6 +295,12 @@ def test_a_bad_runtime_value_is_blamed_on_the_caller_not_on_params_json(runtime)
     with pytest.raises(LlamaError, match=f"^{next(iter(runtime))}=") as error:
         ModelArgs.from_params(GOOD_PARAMS, **runtime)
     assert "params.json" not in str(error.value)
+
+
+def test_a_kv_cache_too_large_for_memory_is_named(tiny_checkpoint):
+    """375 TiB: more than any machine's memory, or a 64-bit process's address space."""
+    message = load_error(tiny_checkpoint("gqa4"), max_seq_len=2**20, max_batch_size=10**6)
+    assert message.startswith("the cpu memory cannot hold the KV cache of 1000000 sequence(s) of 1048576 positions")
 
 
 def test_runtime_values_in_params_json_are_ignored():

@@ -60,6 +60,7 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         self._check_kinds()
+        self._check_plausible_sizes()
         self._check_quantization()
         self._check_runtime_sizes()
         self._check_shapes()
@@ -120,6 +121,17 @@ class ModelArgs:
                                    or not 1 <= factor < math.inf):
             raise LlamaError(f"rope_scale_factor={factor!r}: it must be a finite number of at least 1 (1: no "
                              "stretching), or None for the model's own (8, or 32 for the Llama 3.2 1B and 3B shapes)")
+
+    def _check_plausible_sizes(self):
+        """Sizes far beyond any Llama's would only overflow PyTorch's sizes or take hours to build.
+        The bounds leave room for models much larger than 405B (dim 16384, 126 layers, 128 heads,
+        128256 tokens, ffn_dim_multiplier 1.2, multiple_of 4096)."""
+        for name, most in (("dim", 2**20), ("n_layers", 2**12), ("n_heads", 2**14), ("vocab_size", 2**24),
+                           ("multiple_of", 2**20), ("ffn_dim_multiplier", 64)):
+            value = getattr(self, name)
+            if value is not None and value > most:
+                raise LlamaError(f"{name} is {value!r} in params.json, far beyond any Llama's (at most {most} here): "
+                                 "download params.json again or correct it")
 
     def _check_shapes(self):
         if self.dim % self.n_heads != 0:

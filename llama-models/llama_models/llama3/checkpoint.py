@@ -328,8 +328,21 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
     try:
         with torch.device(device):
             return Transformer(args)
+    except RuntimeError as error:  # torch.OutOfMemoryError, on a GPU, is one too
+        if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+            raise
+        raise LlamaError(f"the {device.type} memory cannot hold the KV cache of {args.max_batch_size} sequence(s) of "
+                         f"{args.max_seq_len} positions ({kv_cache_bytes(args, world_size, dtype) / 2**30:,.1f} GiB): ask for "
+                         "fewer (run_inference.py: MAX_NEW_TOKENS, BEAM_WIDTH, CHAT_CONTEXT)") from None
     finally:
         torch.set_default_dtype(previous_dtype)
+
+
+def kv_cache_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer, sequence, position and key/value head of one of `world_size`
+    processes (args as args_for_model_parallel gives them: at least a head per process)."""
+    return (2 * args.n_layers * args.max_batch_size * args.max_seq_len * (args.n_kv_heads // world_size)
+            * args.head_dim * torch.empty(0, dtype=dtype).element_size())
 
 
 MISMATCH_HELP = "params.json and the weights come from different models; download them together"
