@@ -842,7 +842,7 @@ def alternatives_shown(model):
 def alternatives_text(tokenizer: Tokenizer, alternatives: tuple) -> str:
     ids, probs, entropy_bits = alternatives
     candidates = "  ".join(f"{token_text(tokenizer, token)} {prob:.2%}" for token, prob in zip(ids, probs))
-    return f"{entropy_bits:>7.2f}  {candidates}"
+    return f"{entropy_bits:>14.2f}  {candidates}"
 
 
 # The logit lens: every layer adds its contribution to the residual stream h. Reading h after layer i
@@ -875,7 +875,8 @@ def logit_lens(model, prompt_tokens: list) -> list:
 
 
 def print_logit_lens(rows: list, tokenizer: Tokenizer) -> None:
-    print(f"logit lens at the last prompt position:\n{'layer':>5}  {'prob':>7}  top next token")
+    print("logit lens at the last prompt position, after each layer (0: model.layers[0], the first):\n"
+          f"{'layer':>5}  {'prob':>7}  top next token")
     for index, token, probability in rows:
         print(f"{index:>5}  {probability:>7.2%}  {token_text(tokenizer, token)}")
     print()
@@ -946,14 +947,16 @@ def print_memory_report(report: dict, device: torch.device) -> None:
     print(f"  {'weights, all':<14} {sum(report['weights'].values()) / mib:>10.1f} MiB")
     sizes = report["kv_cache_sizes"]
     print(f"  {'KV cache':<14} {report['kv_cache'] / mib:>10.1f} MiB = 2 x {sizes['layers']} layers x "
-          f"{sizes['max_batch_size']} seqs x {sizes['max_seq_len']} positions x {sizes['kv_heads']} kv heads x "
-          f"{sizes['head_dim']} x {sizes['dtype'].itemsize} bytes ({sizes['dtype']})")
+          f"{sizes['max_batch_size']} sequence(s) x {sizes['max_seq_len']} positions x {sizes['kv_heads']} kv heads x "
+          f"{sizes['head_dim']} (head_dim) x {sizes['dtype'].itemsize} bytes ({sizes['dtype']})")
     peak = peak_memory_bytes(device)
     label = "peak, GPU" if device.type == "cuda" else "peak, RSS"
     if peak is None:
         print(f"  {label:<14} (not measured on this system)\n")
     else:
-        print(f"  {label:<14} {peak / mib:>10.1f} MiB\n")
+        below = "  (below the weights: pages of the mapped files not read yet are not counted)" \
+            if device.type == "cpu" and peak < sum(report["weights"].values()) else ""
+        print(f"  {label:<14} {peak / mib:>10.1f} MiB{below}\n")
 
 
 # The profile: where a decode step's time goes. A decode step reads every weight once to compute one
@@ -1087,12 +1090,12 @@ def print_profile(model, profile: StepProfile, bandwidth: float) -> None:
               "(the first decode steps time the candidates: SHOW_PROFILE leaves those out)\n")
         return
     steps = len(profile.steps)
-    print(f"where a decode step's time goes ({steps} steps of batch {profile.batch}; this machine's memory "
-          f"reads {bandwidth / 1e9:.1f} GB/s):")
-    print(f"  {'part':<22} {'ms/step':>8} {'MiB read':>9} {'GB/s':>6} {'of memory':>9}  kernels")
+    print(f"where a decode step's time goes ({steps} steps of batch {profile.batch}, after the first ones, which "
+          f"timed the kernels; this machine's memory reads {bandwidth / 1e9:.1f} GB/s):")
+    print(f"  {'part':<22} {'ms/step':>8} {'MiB read':>9} {'GB/s':>6} {'% of memory':>11}  kernels")
     for part, (seconds, size) in rows.items():
         speed = size / seconds if size >= 2**20 and seconds > 0 else None  # below a MiB it says nothing
-        speed_text = f"{speed / 1e9:>6.1f} {speed / bandwidth:>9.0%}" if speed else f"{'':>6} {'':>9}"
+        speed_text = f"{speed / 1e9:>6.1f} {speed / bandwidth:>11.0%}" if speed else f"{'':>6} {'':>11}"
         print(f"  {part:<22} {seconds * 1e3:>8.2f} {size / 2**20:>9.1f} {speed_text}  "
               f"{part_kernels(model, part, profile.batch)}")
     print()
@@ -1193,7 +1196,7 @@ def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, streamed: Stre
     if table:  # sampling draws from the distribution after TEMPERATURE and TOP_P: its probability is that one's
         prob = "p(drawn)" if DECODING == "sample" else "prob"
         header = f"{'step':>5}  {'id':>6}  {prob:>8}  {'text':<{text_width}}"
-        print(header + ("  |  entropy  alternatives (the model's distribution)" if alternatives is not None else ""))
+        print(header + ("  |  entropy (bits)  alternatives (the model's distribution)" if alternatives is not None else ""))
     decoder, tokens = StreamingDecoder(tokenizer), streamed.tokens
     for token, probability in steps:
         streamed.first_token_time = streamed.first_token_time or time.perf_counter()
@@ -1205,7 +1208,31 @@ def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, streamed: Stre
             print()
         else:
             print(decoder.push(token), end="", flush=True)
-    print(decoder.flush())
+    if not table:
+        print(decoder.flush())  # the text's last characters and its line's end
+
+
+@contextlib.contextmanager
+def beam_progress(model, max_steps: int, shown: bool):
+    """Beam search prints its beams at the end: until then, when `shown`, a line on standard error
+    counts its steps (one forward pass each), and is erased when it ends."""
+    if not shown:
+        yield
+        return
+    steps, line = itertools.count(1), ""
+
+    def show(module, inputs, logits):
+        nonlocal line
+        line = f"(beam search: step {next(steps)} of at most {max_steps})"
+        sys.stderr.write("\r" + line)
+        sys.stderr.flush()
+
+    handle = model.output.register_forward_hook(show)
+    try:
+        yield
+    finally:
+        handle.remove()
+        sys.stderr.write("\r" + " " * len(line) + "\r")
 
 
 def print_beams(beams: list, tokenizer: Tokenizer) -> None:
@@ -1242,7 +1269,8 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
               f"in the model's context of {model.args.max_seq_len})\n")
     started = time.perf_counter()
     if DECODING == "beam":
-        beams = beam_search(model, prompt, BEAM_WIDTH, max_new_tokens, stop_tokens, LENGTH_PENALTY)
+        with beam_progress(model, max_new_tokens, shown=is_main and sys.stderr.isatty()):
+            beams = beam_search(model, prompt, BEAM_WIDTH, max_new_tokens, stop_tokens, LENGTH_PENALTY)
         finished = time.perf_counter()
         if is_main:
             print_beams(beams, tokenizer)
@@ -1255,10 +1283,19 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
         for _ in steps:
             pass
         return
-    streamed = Streamed()
+    streamed, trials_before = Streamed(), products.trials_run()
     with alternatives_shown(model) as alternatives:  # None when SHOW_ALTERNATIVES is 0
         stream_tokens(steps, tokenizer, SHOW_TOKENS, streamed, alternatives)
-    print_timing(len(prompt), len(streamed.tokens), started, streamed.first_token_time, time.perf_counter())
+    finished = time.perf_counter()
+    print_timing(len(prompt), len(streamed.tokens), started, streamed.first_token_time, finished)
+    if products.trials_run() > trials_before:
+        print(first_products_note(model))
+
+
+def first_products_note(model) -> str:
+    """Why a first prompt is slower than later ones (README, "Speed and memory, measured")."""
+    mapped = " and read the mapped weights in from their file" if model.output.weight.device.type == "cpu" else ""
+    return f"(the first products of each kind timed the candidate kernels{mapped}: later prompts run faster)"
 
 
 def run() -> None:

@@ -144,7 +144,7 @@ def test_script_chats_by_sampling_and_shows_alternatives(tiny_checkpoint):
                         "r.IS_INSTRUCT = True\nr.DECODING = 'sample'\nr.SHOW_ALTERNATIVES = 3")
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.count("[prefilled") == 2  # /exit ended it before the third message
-    assert finished.stdout.count("entropy  alternatives") == 2  # one table per answer
+    assert finished.stdout.count("entropy (bits)  alternatives") == 2  # one table per answer
 
 
 def test_an_unknown_command_is_named_not_sent_to_the_model(tiny_checkpoint):

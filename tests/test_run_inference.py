@@ -142,6 +142,20 @@ def test_beam_width_one_with_stop_token_ends_with_it(float32_model):
     assert len(tokens) < 10
 
 
+def test_beam_progress_counts_the_steps_and_erases_its_line(float32_model, capsys):
+    model, _, _ = float32_model("gqa4")
+    prompt = random_prompts(1, seed=13)[0]
+    with run_inference.beam_progress(model, 6, shown=True):
+        [(tokens, _)] = run_inference.beam_search(model, prompt, 1, 6, frozenset(), 1.0)
+    error = capsys.readouterr().err
+    assert "\r(beam search: step 1 of at most 6)" in error and "step 6 of at most 6" in error  # prefill + 5
+    assert error.endswith("\r" + " " * len("(beam search: step 6 of at most 6)") + "\r")
+    assert model.output._forward_hooks == {}
+    with run_inference.beam_progress(model, 6, shown=False):  # not on a terminal: nothing
+        run_inference.beam_search(model, prompt, 1, 6, frozenset(), 1.0)
+    assert capsys.readouterr().err == ""
+
+
 def hf_beam_search(hf, prompt, width, max_new_tokens, stop_tokens, length_penalty, pad_id):
     """Hugging Face's beam search as [(generated tokens, score)], best first, like ours."""
     with torch.no_grad():
@@ -368,7 +382,7 @@ def test_token_table_shows_partial_characters_as_bytes(tiny_checkpoint, capsys):
     tokens = tokenizer.encode("é🦙", bos=False, eos=False)  # 2 + 4 bytes, none valid UTF-8 alone
     run_inference.stream_tokens([(token, 0.25) for token in tokens], tokenizer, True, run_inference.Streamed())
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == 1 + len(tokens) + 1  # header, one row per token, the final flush line
+    assert len(rows) == 1 + len(tokens)  # header, one row per token
     assert "\ufffd" not in "".join(rows)
     for step, (row, token, byte) in enumerate(zip(rows[1:], tokens, "é🦙".encode("utf-8")), start=1):
         assert row.split()[:3] == [str(step), str(token), "25.00%"]

@@ -78,6 +78,7 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
         # Written last: a run killed beyond cleaning up (SIGKILL, a power cut) leaves a folder the
         # loader refuses as incomplete.
         write_params(files.params, dst / "params.json", args, written_kv_heads)
+    print(f"wrote {dst / 'params.json'} and tokenizer.model")
 
 
 # Writing a new folder: an error, a full disk, Ctrl-C, `kill` (SIGTERM) or a closed terminal (SIGHUP)
@@ -289,7 +290,7 @@ def note_if_instruct_is_dropped(src: Path, dst: Path, suffix: str) -> None:
     source_name = find_checkpoint_files(src).model_name
     if "instruct" in source_name.lower() and "instruct" not in dst.name.lower():
         print(f"note: run_inference.py uses the chat format when a folder's name says Instruct, and {dst.name} "
-              f"does not: rename it (e.g. {source_name}-{suffix}) or set IS_INSTRUCT = True")
+              f"does not: rename it (e.g. {source_name.split('-mp')[0]}-{suffix}) or set IS_INSTRUCT = True")
 
 
 if __name__ == "__main__":
