@@ -526,11 +526,12 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, tempera
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)
 
     def draw(logits: torch.Tensor) -> tuple:
-        # In float64 and less the largest score (softmax is the same for any shift): a temperature as
-        # small as 1e-300, which float32 rounds to 0, then makes the other scores -inf, probability
-        # 0, instead of dividing by zero or overflowing.
-        scaled = (logits.double() - logits.max()) / temperature  # (vocab,)
-        probs = top_p_filter(torch.softmax(scaled, dim=-1).float(), top_p)
+        # Less the largest score (softmax is the same for any shift), and by a temperature float32
+        # can hold (1e-300 would round to 0): a tiny temperature then takes the other scores to -inf,
+        # probability 0, where they would overflow to inf, or the top one be 0 / 0. (Not float64:
+        # MPS has none.)
+        scaled = (logits - logits.max()) / max(temperature, torch.finfo(logits.dtype).tiny)  # (vocab,)
+        probs = top_p_filter(torch.softmax(scaled, dim=-1), top_p)
         token = int(torch.multinomial(probs, num_samples=1, generator=generator))
         return token, float(probs[token])
 
