@@ -190,6 +190,14 @@ def test_a_gap_in_the_shard_numbers_names_the_missing_shard(checkpoint_copy):
     assert "has 2 shards but no consolidated.01.pth" in load_error(checkpoint_copy)
 
 
+def test_shards_are_read_in_the_order_of_their_numbers(tmp_path):
+    """405B may be cut into 128 shards: by name, consolidated.100.pth would come before .11."""
+    for name in ("params.json", "tokenizer.model", *(f"consolidated.{index:02d}.pth" for index in range(101))):
+        (tmp_path / name).touch()
+    shards = find_checkpoint_files(tmp_path).shards
+    assert [shard.name for shard in shards] == [f"consolidated.{index:02d}.pth" for index in range(101)]
+
+
 def test_a_missing_last_shard_is_suggested_by_the_sizes(tiny_checkpoint, tmp_path, capsys):
     """Without its last shard a folder looks like a whole checkpoint of half-size matrices."""
     reshard.main([str(tiny_checkpoint("gqa3")), str(tmp_path / "two"), "2"])
@@ -298,7 +306,7 @@ def test_a_bad_runtime_value_is_blamed_on_the_caller_not_on_params_json(runtime)
 
 
 def test_a_kv_cache_too_large_for_memory_is_named(tiny_checkpoint):
-    """375 TiB: more than any machine's memory, or a 64-bit process's address space."""
+    """366 TiB, refused before any of it is allocated: more than any machine's memory."""
     message = load_error(tiny_checkpoint("gqa4"), max_seq_len=2**20, max_batch_size=10**6)
     assert message.startswith("the cpu memory cannot hold the KV cache of 1000000 sequence(s) of 1048576 positions")
 

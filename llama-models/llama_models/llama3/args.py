@@ -120,7 +120,7 @@ class ModelArgs:
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                    or not 1 <= factor < math.inf):
             raise LlamaError(f"rope_scale_factor={factor!r}: it must be a finite number of at least 1 (1: no "
-                             "stretching), or None for the model's own (8, or 32 for the Llama 3.2 1B and 3B shapes)")
+                             "stretching), or None for the model's own (default_rope_scale_factor)")
 
     def _check_plausible_sizes(self):
         """Sizes far beyond any Llama's would only overflow PyTorch's sizes or take hours to build.

@@ -23,6 +23,7 @@ in order. Nothing here writes to the checkpoint folder.
 import atexit
 import contextlib
 import io
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -272,22 +273,24 @@ def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
     shards = sorted(folder.glob("*.pth"))
     if not shards:
         raise LlamaError(f"no consolidated.*.pth weights in {folder}: the download is incomplete; download the model again")
-    check_shard_names(shards, folder)
-    return CheckpointFiles(params, tokenizer, shards)
+    return CheckpointFiles(params, tokenizer, shards_in_order(shards, folder))
 
 
-def check_shard_names(shards: list, folder: Path) -> None:
-    """N shards are consolidated.00.pth ... consolidated.<N-1>.pth: any other .pth file would be read
-    as a shard, and a gap means one is missing."""
-    expected = [folder / f"consolidated.{index:02d}.pth" for index in range(len(shards))]
-    strays = [shard.name for shard in shards if not re.fullmatch(r"consolidated\.\d\d+\.pth", shard.name)]
-    if strays:
-        raise LlamaError(f"{folder / strays[0]} is not a shard's name (Meta's are consolidated.00.pth, "
-                         "consolidated.01.pth, ...), yet every .pth file would be read as one: move it out of the folder")
-    missing = [path.name for path in expected if path not in shards]
+def shards_in_order(shards: list, folder: Path) -> list:
+    """consolidated.00.pth ... consolidated.<N-1>.pth, ordered by number (by name, .100 would come
+    before .11): any other .pth file would be read as a shard, and a gap means one is missing."""
+    numbered = {}
+    for shard in shards:
+        found = re.fullmatch(r"consolidated\.(\d+)\.pth", shard.name)
+        if not found:
+            raise LlamaError(f"{shard} is not a shard's name (Meta's are consolidated.00.pth, consolidated.01.pth, "
+                             "...), yet every .pth file would be read as one: move it out of the folder")
+        numbered[int(found.group(1))] = shard
+    missing = [index for index in range(len(shards)) if index not in numbered]
     if missing:
-        raise LlamaError(f"{folder} has {len(shards)} shards but no {missing[0]}: the download is incomplete; "
-                         "download the model again")
+        raise LlamaError(f"{folder} has {len(shards)} shards but no consolidated.{missing[0]:02d}.pth: the download "
+                         "is incomplete; download the model again")
+    return [numbered[index] for index in range(len(shards))]
 
 
 def checkpoint_folders_inside(folder: Path, most: int = 4) -> list:
@@ -323,19 +326,34 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Tr
     """
     _, world_size = model_parallel_rank_and_size()
     args = args_for_model_parallel(args, world_size)
+    kv_cache = kv_cache_bytes(args, world_size, dtype)
+    too_large = LlamaError(f"the {device.type} memory cannot hold the KV cache of {args.max_batch_size} sequence(s) "
+                           f"of {args.max_seq_len} positions ({kv_cache / 2**30:,.1f} GiB): ask for fewer (max_seq_len, "
+                           "max_batch_size; in run_inference.py MAX_NEW_TOKENS, BEAM_WIDTH, CHAT_CONTEXT)")
+    # On the CPU the cache is zeroed page by page, layer by layer: far beyond the memory, the system
+    # would kill the process before an allocation failed.
+    if device.type == "cpu" and kv_cache > physical_memory_bytes():
+        raise too_large
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             return Transformer(args)
-    except RuntimeError as error:  # torch.OutOfMemoryError, on a GPU, is one too
-        if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+    except RuntimeError as error:  # torch.OutOfMemoryError (CUDA) is one; MPS raises a plain RuntimeError
+        if not (isinstance(error, torch.OutOfMemoryError)
+                or re.search(r"can't allocate memory|out of memory|Invalid buffer size", str(error))):
             raise
-        raise LlamaError(f"the {device.type} memory cannot hold the KV cache of {args.max_batch_size} sequence(s) of "
-                         f"{args.max_seq_len} positions ({kv_cache_bytes(args, world_size, dtype) / 2**30:,.1f} GiB): ask for "
-                         "fewer (run_inference.py: MAX_NEW_TOKENS, BEAM_WIDTH, CHAT_CONTEXT)") from None
+        raise too_large from None
     finally:
         torch.set_default_dtype(previous_dtype)
+
+
+def physical_memory_bytes() -> float:
+    """The machine's memory, or infinity where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # Windows has no sysconf
+        return math.inf
 
 
 def kv_cache_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:

@@ -45,18 +45,18 @@ from .sharding import release_mapped_pages, same_memory
 
 SCHEMES = ("int8", "int4", "fp16")
 STORED_SCHEMES = ("int8", "int4")  # what a file can hold (python -m llama_models.quantize); fp16 is packed at load
-
-
-def listed(schemes) -> str:
-    """The schemes for a message: "'int8', 'int4' or 'fp16'"."""
-    quoted = [repr(scheme) for scheme in schemes]
-    return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
 GROUP_SIZE = 32  # int4: inputs per scale and zero point
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch._weight_int4pack_mm_for_cpu takes
 # The CPU int4 kernel's packed layout is converted from ours this many rows at a time: the
 # conversion takes 4-byte codes, and a whole output layer of them would be 1 GB.
 INT4_PACK_ROWS = 8192
 INNER_K_TILES = 8  # torch._convert_weight_to_int4pack (CUDA, MPS): 16-input tiles per 16-byte load
+
+
+def listed(schemes) -> str:
+    """The schemes for a message: "'int8', 'int4' or 'fp16'"."""
+    quoted = [repr(scheme) for scheme in schemes]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
 
 
 class QuantizedWeight(nn.Module):
@@ -460,7 +460,7 @@ def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE, rows=()) -> 
         raise LlamaError(f"unknown quantization {scheme!r}: use None, {listed(SCHEMES)}")
     if scheme == "fp16" and not fbgemm_available():
         raise LlamaError("fp16 packs the matrices for PyTorch's fbgemm library, which this PyTorch build lacks "
-                         "(it comes with x86 builds): use None, 'int8' or 'int4'")
+                         f"(it comes with x86 builds): use None, {listed(STORED_SCHEMES)}")
     if scheme != "int4":
         return
     if type(group_size) is not int or group_size not in INT4_GROUP_SIZES:  # 32.0 and True are not sizes

@@ -161,13 +161,13 @@ def args_for_model_parallel(args: ModelArgs, world_size: int) -> ModelArgs:
 
 def read_shard(path: Path) -> dict:
     """Memory-map one consolidated.NN.pth. `weights_only` refuses pickled code, only tensors load."""
-    if not path.exists():  # a link to nothing: in a Hugging Face cache, a blob that was deleted or never came
+    if path.is_symlink() and not path.exists():  # in a Hugging Face cache: a blob deleted, or that never came
         raise LlamaError(f"{path} links to {os.readlink(path)}, which does not exist: download the checkpoint again")
     if path.is_dir():
         raise LlamaError(f"{path} is a folder where the file of weights should be: download the checkpoint again")
-    if path.stat().st_size == 0:  # torch.load would blame the file's zip format
-        raise LlamaError(f"{path} is empty: the download did not finish; download it again")
     try:
+        if path.stat().st_size == 0:  # torch.load would blame the file's zip format
+            raise LlamaError(f"{path} is empty: the download did not finish; download it again")
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
         found = re.search(r"GLOBAL (\S+)", str(error))  # weights_only met a name to call: code, not tensors
@@ -278,8 +278,8 @@ class ShardFiles:
         return [name for name, value in self._shard(index).items() if isinstance(value, torch.Tensor)]
 
     def tensor(self, index: int, name: str) -> torch.Tensor:
-        """The tensor `name` of shard `index`, of the same shape as in the first shard read: every
-        shard holds an equal slice (or a whole copy) of each tensor."""
+        """The tensor `name` of shard `index`, of the same shape as in the lowest-numbered shard
+        mapped: every shard holds an equal slice (or a whole copy) of each tensor."""
         shard = self._shard(index)
         if name not in shard:
             raise LlamaError(
