@@ -1006,9 +1006,11 @@ class StepProfile:
         self.seconds, self.bytes_read = {}, {}  # of the step under way
         self.started = {}  # module -> perf_counter() at its pre-hook
         self.handles = []
+        self.weight_bytes = {}  # module -> bytes of its weights that a product reads, counted once here
         for name, module in model.named_modules():
             if name in ("tok_embeddings", "output") or name.endswith(("norm", ".attention", ".feed_forward",
                                                                        ".wq", ".wk", ".wv", ".wo")):
+                self.weight_bytes[module] = weight_bytes(module)
                 self._watch(module, profile_part(name))
 
     def _watch(self, module, part: str):
@@ -1048,12 +1050,9 @@ class StepProfile:
         if module is self.model.tok_embeddings:  # one row of the table per sequence
             return self.batch * module.weight.nbytes // module.weight.shape[0]
         if hasattr(module, "cache_k"):  # inputs = (x, start_pos, cos, sin, mask)
-            kv_len = inputs[1] + 1
-            return 2 * module.cache_k[: self.batch, :, :kv_len].numel() * module.cache_k.element_size()
-        # Each matrix or norm weight inside: a tensor, or a quantized or packed matrix.
-        weights = [inner.weight for inner in module.modules()
-                   if isinstance(getattr(inner, "weight", None), (torch.Tensor, QuantizedWeight))]
-        return sum(weight.nbytes if isinstance(weight, torch.Tensor) else weight.bytes_per_product for weight in weights)
+            _, kv_heads, _, head_dim = module.cache_k.shape
+            return 2 * self.batch * kv_heads * (inputs[1] + 1) * head_dim * module.cache_k.element_size()
+        return self.weight_bytes[module]
 
     def close(self):
         for handle in self.handles:
@@ -1071,6 +1070,13 @@ class StepProfile:
         rows["rest"] = (step_seconds - sum(seconds for seconds, _ in rows.values()), 0)
         rows["step"] = (step_seconds, sum(size for _, size in rows.values()))
         return rows
+
+
+def weight_bytes(module) -> int:
+    """Bytes a product reads of each matrix or norm weight inside: a tensor, or a quantized or packed matrix."""
+    weights = [inner.weight for inner in module.modules()
+               if isinstance(getattr(inner, "weight", None), (torch.Tensor, QuantizedWeight))]
+    return sum(weight.nbytes if isinstance(weight, torch.Tensor) else weight.bytes_per_product for weight in weights)
 
 
 def part_kernels(model, part: str, rows: int) -> str:
