@@ -1104,7 +1104,7 @@ def print_profile(model, profile: StepProfile, bandwidth: float) -> None:
         speed = size / seconds if size >= 2**20 and seconds > 0 else None  # below a MiB it says nothing
         speed_text = f"{speed / 1e9:>6.1f} {speed / bandwidth:>11.0%}" if speed else f"{'':>6} {'':>11}"
         print(f"  {part:<22} {seconds * 1e3:>8.2f} {size / 2**20:>9.1f} {speed_text}  "
-              f"{part_kernels(model, part, profile.batch)}")
+              f"{part_kernels(model, part, profile.batch)}".rstrip())
     print()
 
 
