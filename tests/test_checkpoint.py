@@ -139,6 +139,16 @@ class RunsCode:
         return (os.getcwd, ())
 
 
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_a_tensor_without_plain_numbers_is_refused(checkpoint_copy, kind):
+    path = checkpoint_copy / "consolidated.00.pth"
+    tensors = torch.load(path, weights_only=True)
+    norm = tensors["norm.weight"]
+    tensors["norm.weight"] = torch.empty(norm.shape, device="meta") if kind == "meta" else norm.float().to_sparse()
+    torch.save(tensors, path)
+    assert "tensor 'norm.weight' in" in load_error(checkpoint_copy) and "not written for Llama" in load_error(checkpoint_copy)
+
+
 def test_weights_file_that_carries_code_is_refused_without_running_it(checkpoint_copy):
     torch.save({"tok_embeddings.weight": torch.zeros(2), "payload": RunsCode()}, checkpoint_copy / "consolidated.00.pth")
     message = load_error(checkpoint_copy)

@@ -185,6 +185,11 @@ def read_shard(path: Path) -> dict:
         ) from None
     if not isinstance(state_dict, dict):
         raise LlamaError(f"{path} holds a {type(state_dict).__name__}, not a dict of tensors: it is not a Llama checkpoint")
+    for name, value in state_dict.items():  # a model saved from the meta device, say, has shapes but no numbers
+        if isinstance(value, torch.Tensor) and (value.device.type == "meta" or value.layout != torch.strided):
+            kind = "a meta tensor, with no numbers" if value.device.type == "meta" else f"a {value.layout} tensor"
+            raise LlamaError(f"tensor {name!r} in {path} is {kind}: the file was not written for Llama; download "
+                             "the checkpoint again")
     return state_dict
 
 
