@@ -360,7 +360,7 @@ def kv_cache_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
     """Keys and values of every layer, sequence, position and key/value head of one of `world_size`
     processes (args as args_for_model_parallel gives them: at least a head per process)."""
     return (2 * args.n_layers * args.max_batch_size * args.max_seq_len * (args.n_kv_heads // world_size)
-            * args.head_dim * torch.empty(0, dtype=dtype).element_size())
+            * args.head_dim * dtype.itemsize)
 
 
 MISMATCH_HELP = "params.json and the weights come from different models; download them together"
