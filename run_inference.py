@@ -460,6 +460,9 @@ def prefill(model, prompt_tokens: list, cached: int = 0) -> torch.Tensor:
     `cached`: how many of the prompt's first tokens the KV cache already holds (a chat's earlier
     turns, chapter 7b); the prefill starts after them.
     """
+    if not isinstance(prompt_tokens, list) or not prompt_tokens or not all(
+            isinstance(token, int) and not isinstance(token, bool) for token in prompt_tokens):
+        raise LlamaError(f"the prompt must be a list of at least one token id (ints), not {prompt_tokens!r:.60}")
     if not 0 <= cached < len(prompt_tokens):
         raise ValueError(f"cached={cached} must leave at least one of the {len(prompt_tokens)} prompt tokens to run")
     for start in range(cached, len(prompt_tokens), PREFILL_CHUNK):
@@ -582,6 +585,9 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
     """Return up to beam_width (tokens, score) pairs, best first. `tokens` are the generated ids
     (ending with the stop token if the hypothesis finished); score = sum of log-probabilities /
     len(tokens)**length_penalty. The model must be built with max_batch_size >= beam_width."""
+    if not 1 <= beam_width <= model.args.max_batch_size:  # each beam is a sequence of the KV cache
+        raise LlamaError(f"beam_width={beam_width}: it must be between 1 and the model's max_batch_size, "
+                         f"{model.args.max_batch_size} (load_llama(..., max_batch_size=...))")
     logits = prefill(model, prompt_tokens)  # (1 beam, vocab)
     vocab_size = logits.shape[-1]
     beam_scores = torch.zeros(1, device=logits.device)  # (beams,) summed log-probabilities
@@ -689,7 +695,9 @@ def read_lines():
     while True:
         try:
             line = input((CHAT_CONTINUATION if lines else CHAT_PROMPT) if terminal else "")
-        except EOFError:
+        except EOFError:  # Ctrl-D: the chat ends, after what was typed so far is answered
+            if terminal:
+                print()  # the prompt's line ends
             return "\n".join(lines) if lines else None
         if not line.endswith("\\"):
             return "\n".join(lines + [line])
@@ -779,6 +787,8 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
     if is_main and sys.stdin.isatty():
         with contextlib.suppress(ImportError):  # Python without it (Windows): input() as it is
             import readline  # noqa: F401  input() then edits the line (arrow keys, history), and takes any length
+    if is_main and hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as U+FFFD, not an exception
+        sys.stdin.reconfigure(errors="replace")
     if is_main:
         print(f"chat: one message per line (end a line with \\ to go on on the next), /reset, /exit or "
               f"Ctrl-D to end; the dialog keeps up to CHAT_CONTEXT = {model.args.max_seq_len} tokens\n")

@@ -147,6 +147,17 @@ def test_script_chats_by_sampling_and_shows_alternatives(tiny_checkpoint):
     assert finished.stdout.count("entropy (bits)  alternatives") == 2  # one table per answer
 
 
+def test_a_message_that_is_not_utf8_is_answered_with_its_bytes_replaced(tiny_checkpoint):
+    """Where standard input decodes strictly, a byte such as Latin-1's é would end the chat in a traceback."""
+    code = f"import run_inference as r\nr.CHAT = True\nr.IS_INSTRUCT = True\nr.MAX_NEW_TOKENS = {NEW_TOKENS}\nr.main()"
+    environment = os.environ | {"LLAMA_CHECKPOINT_DIR": str(tiny_checkpoint("gqa4")), "OMP_NUM_THREADS": "1",
+                                "PYTHONIOENCODING": "utf-8:strict"}
+    finished = subprocess.run([sys.executable, "-c", code], input=b"hello\ncaf\xe9\n", capture_output=True,
+                              timeout=120, env=environment, cwd=REPO_ROOT)
+    assert finished.returncode == 0 and finished.stderr == b"", finished.stderr.decode()[-2000:]
+    assert finished.stdout.count(b"[prefilled") == 2  # both messages answered
+
+
 def test_an_unknown_command_is_named_not_sent_to_the_model(tiny_checkpoint):
     finished = run_chat(tiny_checkpoint("gqa4"), "/quit\n/etc/passwd\n/quit please\n", "r.IS_INSTRUCT = True")
     assert finished.returncode == 0, finished.stderr

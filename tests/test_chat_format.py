@@ -110,6 +110,13 @@ def test_content_must_be_a_string(byte_chat, content):
         byte_chat.encode_message({"role": "user", "content": content})
 
 
+@pytest.mark.parametrize("messages", ["hello", {"role": "user", "content": "hi"}, None])
+def test_messages_must_be_a_list(byte_chat, messages):
+    """A str or a dict would be iterated as something else: characters, keys."""
+    with pytest.raises(TypeError, match="messages must be a list of dicts"):
+        byte_chat.encode_dialog_prompt(messages)
+
+
 def test_message_must_be_a_dict(byte_chat):
     with pytest.raises(TypeError, match="must be a dict"):
         byte_chat.encode_message(("user", "hi"))

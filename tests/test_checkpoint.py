@@ -75,6 +75,15 @@ def test_kv_cache_is_sized_and_typed_as_asked(tiny_checkpoint):
 # --- bad folders and files ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("given", [None, 123, "params.json"])
+def test_a_folder_that_is_no_path_or_a_file_is_named(checkpoint_copy, given):
+    path = checkpoint_copy / given if given == "params.json" else given
+    with pytest.raises(LlamaError) as error:
+        load_llama(path)
+    expected = "is a file: give the checkpoint folder" if given == "params.json" else "give its path, a str or a Path"
+    assert expected in str(error.value)
+
+
 def test_missing_folder(tmp_path):
     message = load_error(tmp_path / "Llama3.2-1B-Instruct")
     assert "Llama3.2-1B-Instruct" in message and "not found" in message

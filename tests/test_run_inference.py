@@ -142,6 +142,26 @@ def test_beam_width_one_with_stop_token_ends_with_it(float32_model):
     assert len(tokens) < 10
 
 
+@pytest.mark.parametrize("prompt, message", [
+    ([256, 512], "token id 512 is outside the vocabulary"), ([256, -1], "token id -1 is outside the vocabulary"),
+    ([], "the prompt must be a list of at least one token id"), ("hello", "the prompt must be a list"),
+    (torch.tensor([256, 72]), "the prompt must be a list"), ([256, 72.0], "the prompt must be a list"),
+])
+def test_a_prompt_that_is_not_token_ids_is_named(float32_model, prompt, message):
+    """The embedding reads an id outside the vocabulary as zeros and would go on silently."""
+    model, _, _ = float32_model("gqa4")
+    with pytest.raises(run_inference.LlamaError, match=message):
+        list(run_inference.greedy_decode(model, prompt, 3))
+
+
+def test_beam_search_wider_than_the_cache_and_a_negative_position_are_named(float32_model):
+    model, _, _ = float32_model("gqa4")
+    with pytest.raises(run_inference.LlamaError, match=f"beam_width={MAX_BATCH_SIZE + 1}: it must be between 1 and"):
+        run_inference.beam_search(model, [256, 72], MAX_BATCH_SIZE + 1, 3, frozenset(), 1.0)
+    with pytest.raises(run_inference.LlamaError, match="start_pos=-3"):
+        model(torch.tensor([[72]]), start_pos=-3)
+
+
 def test_beam_progress_counts_the_steps_and_erases_its_line(float32_model, capsys):
     model, _, _ = float32_model("gqa4")
     prompt = random_prompts(1, seed=13)[0]

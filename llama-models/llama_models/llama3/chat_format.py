@@ -60,6 +60,9 @@ class ChatFormat:
     def encode_dialog_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The prompt for the assistant's next reply: <|begin_of_text|>, every message, then
         an empty assistant message (just its header) for the model to fill in."""
+        if not isinstance(messages, (list, tuple)):  # a str or a dict is iterable too, as something else
+            raise TypeError(f"messages must be a list of dicts such as {{'role': 'user', 'content': 'Hi'}}, "
+                             f"not a {type(messages).__name__}")
         tokens = [self.tokenizer.bos_id]
         for message in messages:
             tokens.extend(self.encode_message(message))

@@ -84,7 +84,7 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     """
     if dtype is None:
         return torch.bfloat16 if _supports_bfloat16(device) else torch.float16
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:  # float8 holds no weights
         return dtype
     if not isinstance(dtype, str) or dtype not in DTYPES:  # torch.int8 too: weights are floating-point numbers
         raise LlamaError(f"unknown dtype {dtype!r}: use None or one of {', '.join(repr(name) for name in DTYPES)}")
@@ -248,7 +248,11 @@ HF_SUBFOLDER = "original"
 def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
     """Check that the folder (or its original/ subfolder) holds params.json, tokenizer.model and the
     .pth shards."""
+    if not isinstance(ckpt_dir, (str, os.PathLike)):
+        raise LlamaError(f"the checkpoint folder is {ckpt_dir!r}: give its path, a str or a Path")
     folder = Path(ckpt_dir).expanduser()
+    if folder.is_file():
+        raise LlamaError(f"{folder} is a file: give the checkpoint folder that holds it ({folder.parent})")
     if not folder.is_dir():
         raise LlamaError(
             f"checkpoint folder {folder} not found: give a folder holding params.json, tokenizer.model and "

@@ -394,6 +394,7 @@ class Transformer(nn.Module):
         read and copied but not changed in place outside it."""
         batch, seq = tokens.shape
         self._check_fits_cache(batch, seq, start_pos)
+        self._check_token_ids(tokens)
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
 
         if self.rope_cos.device != h.device:  # first call after the model moved device
@@ -413,6 +414,8 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
     def _check_fits_cache(self, batch: int, seq: int, start_pos: int):
+        if start_pos < 0:
+            raise LlamaError(f"start_pos={start_pos}: it is the number of positions already in the KV cache, 0 or more")
         if start_pos + seq > self.args.max_seq_len:
             raise LlamaError(
                 f"positions {start_pos}..{start_pos + seq - 1} do not fit the KV cache of "
@@ -423,3 +426,10 @@ class Transformer(nn.Module):
                 f"batch of {batch} sequences exceeds max_batch_size={self.args.max_batch_size}: "
                 "load with a larger max_batch_size"
             )
+
+    def _check_token_ids(self, tokens: torch.Tensor):
+        # The embedding would read an id outside the vocabulary as a row of zeros, and go on silently.
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.args.vocab_size:
+            raise LlamaError(f"token id {low if low < 0 else high} is outside the vocabulary (0 to "
+                             f"{self.args.vocab_size - 1}): give ids the tokenizer made")
