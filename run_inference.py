@@ -524,6 +524,9 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, tempera
     """Yield (token, probability) pairs drawn at random from the temperature-scaled, top-p-cut
     distribution; the probability is the token's in that distribution. Under torchrun every process
     uses the same seed and sees the same logits, so all draw the same tokens."""
+    if not (temperature >= 0 and 0 <= top_p <= 1):  # NaN fails both: it compares as nothing
+        raise LlamaError(f"temperature={temperature!r}, top_p={top_p!r}: the temperature must be 0 or more, top_p "
+                         "between 0 and 1")
     if temperature <= 0:  # no randomness left: the most likely token every time, drawn with probability 1
         return ((token, 1.0) for token, _ in greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens, cached))
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)

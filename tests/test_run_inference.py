@@ -154,6 +154,15 @@ def test_a_prompt_that_is_not_token_ids_is_named(float32_model, prompt, message)
         list(run_inference.greedy_decode(model, prompt, 3))
 
 
+@pytest.mark.parametrize("temperature, top_p", [(-1.0, 0.9), (float("nan"), 0.9), (0.6, 1.5), (0.6, float("nan"))])
+def test_sample_names_a_temperature_or_top_p_out_of_range(float32_model, temperature, top_p):
+    """The script checks its settings; a caller of sample() would get PyTorch's multinomial error, or
+    with top_p NaN no cut at all."""
+    model, _, _ = float32_model("gqa4")
+    with pytest.raises(run_inference.LlamaError, match="the temperature must be 0 or more, top_p between 0 and 1"):
+        list(run_inference.sample(model, [256, 72], 3, frozenset(), temperature, top_p, seed=1))
+
+
 def test_beam_search_wider_than_the_cache_and_a_negative_position_are_named(float32_model):
     model, _, _ = float32_model("gqa4")
     with pytest.raises(run_inference.LlamaError, match=f"beam_width={MAX_BATCH_SIZE + 1}: it must be between 1 and"):
