@@ -698,7 +698,7 @@ def read_lines():
     while True:
         try:
             line = input((CHAT_CONTINUATION if lines else CHAT_PROMPT) if terminal else "")
-        except EOFError:  # Ctrl-D: the chat ends, after what was typed so far is answered
+        except EOFError:  # the end of input, or Ctrl-D: lines typed before it are sent; none, and the chat ends
             if terminal:
                 print()  # the prompt's line ends
             return "\n".join(lines) if lines else None
