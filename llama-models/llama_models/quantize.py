@@ -32,7 +32,7 @@ from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # n
 from .llama3.checkpoint import find_checkpoint_files, whole_tensor_shapes  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, listed, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
-from .reshard import OneLineParser, check_destination, new_folder, note_if_instruct_is_dropped, run_tool  # noqa: E402
+from .reshard import OneLineParser, check_destination, new_folder, note_if_instruct_is_dropped, refuse_under_torchrun, run_tool  # noqa: E402
 
 WEIGHTS_FILE = "consolidated.00.pth"
 
@@ -46,9 +46,7 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
                          "by unpacking it): use QUANTIZE = 'fp16' (load_llama(..., quantize='fp16')) on the bfloat16 folder")
     if scheme not in STORED_SCHEMES:
         raise LlamaError(f"unknown scheme {scheme!r}: use {listed(STORED_SCHEMES)}")
-    if "RANK" in os.environ:  # torchrun: every process would write the same folder
-        raise LlamaError("run python -m llama_models.quantize as one process, not under torchrun: torchrun "
-                         "then loads the folder it writes")
+    refuse_under_torchrun("quantize")
     files = find_checkpoint_files(src)
     dst = Path(dst).expanduser()
     check_destination(Path(src).expanduser(), dst)

@@ -50,9 +50,7 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise LlamaError(f"N = {n_shards}: the number of shards must be a whole number of at least 1, "
                          "the number of processes that will run the copy")
-    if "RANK" in os.environ:  # torchrun: every process would write the same folder
-        raise LlamaError("run python -m llama_models.reshard as one process, not under torchrun: torchrun "
-                         "then loads the folder it writes")
+    refuse_under_torchrun("reshard")
     files = find_checkpoint_files(src)
     dst = Path(dst).expanduser()
     check_destination(Path(src).expanduser(), dst)
@@ -61,11 +59,13 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
         raise LlamaError(f"{files.folder} is quantized ({args.quantization['scheme']}): torchrun loads it as it is, "
                          "with any process count that fits (each process cuts its slice from the one file)")
     check_world_size(args, len(files.shards), n_shards, files.folder)
-    whole_tensor_shapes(ShardFiles(files.shards), args, files.folder)  # the source as the loader would check it
+    shards = ShardFiles(files.shards)
+    whole_tensor_shapes(shards, args, files.folder)  # the source as the loader would check it
 
     loaded_args = args_for_model_parallel(args, n_shards)  # what the loader would build for N processes
-    written_kv_heads = math.lcm(count_distinct_kv_heads(ShardFiles(files.shards), args), n_shards)
+    written_kv_heads = math.lcm(count_distinct_kv_heads(shards, args), n_shards)
     copies_to_drop = loaded_args.n_kv_heads // written_kv_heads
+    del shards  # unmapped: the pages of wk and wv, read whole above, leave memory before the writing
 
     with new_folder(dst):
         for rank in range(n_shards):
@@ -153,6 +153,12 @@ def run_tool(main: Callable[[], int]) -> None:
 
 def raise_killed(number: int, frame) -> None:
     raise Killed(number)
+
+
+def refuse_under_torchrun(tool: str) -> None:
+    if "RANK" in os.environ:  # torchrun: every process would write the same folder
+        raise LlamaError(f"run python -m llama_models.{tool} as one process, not under torchrun: torchrun "
+                         "then loads the folder it writes")
 
 
 def check_destination(src: Path, dst: Path) -> None:

@@ -60,7 +60,7 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         self._check_kinds()
-        self._check_plausible_sizes()
+        self._check_plausible_values()
         self._check_quantization()
         self._check_runtime_sizes()
         self._check_shapes()
@@ -122,8 +122,9 @@ class ModelArgs:
             raise LlamaError(f"rope_scale_factor={factor!r}: it must be a finite number of at least 1 (1: no "
                              "stretching), or None for the model's own (default_rope_scale_factor)")
 
-    def _check_plausible_sizes(self):
-        """Sizes far beyond any Llama's would only overflow PyTorch's sizes or take hours to build.
+    def _check_plausible_values(self):
+        """Sizes far beyond any Llama's would only overflow PyTorch's sizes or take hours to build;
+        a rope_theta of 1 or less would give NaN angles.
         The bounds leave room for models much larger than 405B (dim 16384, 126 layers, 128 heads,
         128256 tokens, ffn_dim_multiplier 1.2, multiple_of 4096)."""
         for name, most in (("dim", 2**20), ("n_layers", 2**12), ("n_heads", 2**14), ("vocab_size", 2**24),
@@ -132,13 +133,13 @@ class ModelArgs:
             if value is not None and value > most:
                 raise LlamaError(f"{name} is {value!r} in params.json, far beyond any Llama's (at most {most} here): "
                                  "download params.json again or correct it")
+        if self.rope_theta <= 1:  # the rotation frequencies theta**(-2i/head_dim) must fall, not overflow
+            raise LlamaError(f"rope_theta is {self.rope_theta!r} in params.json: it must be above 1 (Llama 3's is "
+                             "500000.0); download params.json again or correct it")
 
     def _check_shapes(self):
         if self.dim % self.n_heads != 0:
             raise LlamaError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}: check params.json")
-        if self.rope_theta <= 1:  # the rotation frequencies theta**(-2i/head_dim) must fall, not overflow
-            raise LlamaError(f"rope_theta is {self.rope_theta!r} in params.json: it must be above 1 (Llama 3's is "
-                             "500000.0); download params.json again or correct it")
         if self.n_heads % self.n_kv_heads != 0:
             raise LlamaError(
                 f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}: check params.json"
