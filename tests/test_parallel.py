@@ -303,7 +303,7 @@ def test_each_process_gets_its_slice_of_every_quantized_matrix(quantized, scheme
 def dequantized(tensors: dict, matrix: str, scheme: str) -> torch.Tensor:
     if scheme == "int8":
         return Int8Weight(tensors[f"{matrix}.values"], tensors[f"{matrix}.scales"]).dequantize(torch.float32)
-    return Int4Weight(tensors[f"{matrix}.codes"], tensors[f"{matrix}.scales_and_zeros"], 32).dequantize(torch.float32)
+    return Int4Weight(tensors[f"{matrix}.codes"], tensors[f"{matrix}.scales_and_zeros"], 32, looked_up=False).dequantize(torch.float32)
 
 
 def slice_of(weight: torch.Tensor, matrix: str, rank: int, world_size: int, args: ModelArgs) -> torch.Tensor:

@@ -92,7 +92,7 @@ def quantized_layout(shards: ShardFiles, shapes: dict, matrices: list, scheme: s
     for name, shape in shapes.items():
         dtype = shards.tensor(0, name).dtype
         if name in matrices:
-            empty = empty_quantized(*shape, dtype, scheme, group_size)
+            empty = empty_quantized(*shape, dtype, scheme, group_size, looked_up=False)
             layout |= {f"{name}.{part}": (tuple(tensor.shape), tensor.dtype) for part, tensor in empty.state_dict().items()}
         else:
             layout[name] = (shape, dtype)
@@ -144,7 +144,7 @@ def quantize_into(shards: ShardFiles, names: list, matrices: list, scheme: str, 
         dim = split_dim(without_layer_prefix(name))
         whole = slice_for_rank(shards, name, dim, rank=0, world_size=1) if dim is not None else shards.tensor(0, name)
         if name in matrices:
-            parts = quantized(whole, scheme, group_size).state_dict()
+            parts = quantized(whole, scheme, group_size, looked_up=False).state_dict()
             parts = {f"{name}.{part}": tensor for part, tensor in parts.items()}
         else:
             parts = {name: whole}

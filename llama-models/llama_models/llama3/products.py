@@ -285,7 +285,7 @@ def built_in_kernel_agrees(device: torch.device, scheme: str, dtype: torch.dtype
                                                                            generator=generator)
     kernel = _int8_kernel if scheme == "int8" else _built_in_int4_kernel
     try:
-        weight = quantized(matrix.to(device, dtype), scheme, group_size)  # int8 has no groups: it ignores the size
+        weight = quantized(matrix.to(device, dtype), scheme, group_size, looked_up=False)  # int8 ignores the size
         x = x.to(device, dtype)  # (32, in)
         expected = F.linear(x.float(), weight.dequantize(torch.float32))  # before int4's packing lets go of its codes
         results = [kernel(x[:rows], weight).float() for rows in PROBE_ROWS]

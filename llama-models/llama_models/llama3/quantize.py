@@ -179,7 +179,7 @@ class Int4Weight(QuantizedWeight):
 
     kind = "int4"
 
-    def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, looked_up: bool = False):
+    def __init__(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, looked_up: bool):
         super().__init__()
         self.out_features, self.in_features, self.group_size = codes.shape[0], codes.shape[1] * 2, group_size
         self.looked_up = looked_up
@@ -205,8 +205,7 @@ class Int4Weight(QuantizedWeight):
         return cls(codes, scales_and_zeros, group_size, looked_up)
 
     @classmethod
-    def empty(cls, out: int, width: int, dtype: torch.dtype, group_size: int = GROUP_SIZE,
-              looked_up: bool = False) -> "Int4Weight":
+    def empty(cls, out: int, width: int, dtype: torch.dtype, group_size: int, looked_up: bool) -> "Int4Weight":
         """Shapes only, on the meta device, for a quantized checkpoint to fill."""
         return cls(torch.empty(out, width // 2, dtype=torch.uint8, device="meta"),
                    torch.empty(width // group_size, out, 2, dtype=dtype, device="meta"), group_size, looked_up)
@@ -227,13 +226,16 @@ class Int4Weight(QuantizedWeight):
 
     def rows(self, ids, dtype):
         if self.codes is not None:
-            q = unpack_codes(self.codes[ids], dtype)  # (..., in)
+            q = unpack_codes(self.codes[ids], dtype)  # (..., in), a new tensor
         else:
             q = self._code_values(slice(0, self.shape[0]))[ids].to(dtype)
-        scale, zero = self.scales_and_zeros[:, ids, 0], self.scales_and_zeros[:, ids, 1]  # (groups, ...)
-        grouped = q.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        scale, zero = scale.movedim(0, -1)[..., None].to(dtype), zero.movedim(0, -1)[..., None].to(dtype)
-        return ((grouped - 8) * scale + zero).flatten(-2)
+        return self._weights_from_codes_(q, self.scales_and_zeros[:, ids].movedim(0, -2).to(dtype))
+
+    def _weights_from_codes_(self, q: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
+        """(q - 8) * scale + zero, in place and in q's dtype.   q (..., in) codes, scale_and_zero (..., groups, 2)"""
+        grouped = q.view(*q.shape[:-1], -1, self.group_size)  # (..., groups, group_size)
+        grouped.sub_(8).mul_(scale_and_zero[..., :1]).add_(scale_and_zero[..., 1:])
+        return q
 
     def _only_packed(self) -> LlamaError:  # moved to another device, or its numbers asked for
         return LlamaError(f"this int4 matrix kept only the {self.packed.device.type} kernel's packing, not its codes: "
@@ -249,9 +251,7 @@ class Int4Weight(QuantizedWeight):
 
     def float32_rows(self, start, out):  # as `rows` computes them, with no float-sized temporaries
         out.copy_(self._code_values(slice(start, start + out.shape[0])))
-        scale_and_zero = self.scales_and_zeros[:, start : start + out.shape[0]].transpose(0, 1)  # (rows, groups, 2)
-        grouped = out.view(out.shape[0], -1, self.group_size)  # (rows, groups, group_size)
-        grouped.sub_(8).mul_(scale_and_zero[..., :1]).add_(scale_and_zero[..., 1:])
+        self._weights_from_codes_(out, self.scales_and_zeros[:, start : start + out.shape[0]].transpose(0, 1))
 
     def _reshuffled_layout(self) -> Optional[tuple]:
         """cpu_int4_layout() where this matrix's rows are whole blocks of it, so that pack_int4_rows
@@ -426,7 +426,7 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def quantized(weight: torch.Tensor, scheme: str, group_size: int = GROUP_SIZE, looked_up: bool = False):
+def quantized(weight: torch.Tensor, scheme: str, group_size: int, looked_up: bool):
     """The `scheme` form of one float (out, in) matrix."""
     if scheme == "int8":
         return Int8Weight.from_float(weight)
@@ -437,8 +437,7 @@ def quantized(weight: torch.Tensor, scheme: str, group_size: int = GROUP_SIZE, l
     raise ValueError(f"no quantized form for {scheme!r}")  # check_scheme names the schemes to the user
 
 
-def empty_quantized(out: int, width: int, dtype: torch.dtype, scheme: str, group_size: int = GROUP_SIZE,
-                    looked_up: bool = False):
+def empty_quantized(out: int, width: int, dtype: torch.dtype, scheme: str, group_size: int, looked_up: bool):
     """An (out, width) `scheme` matrix with scales in `dtype`, of shapes only (the meta device)."""
     if scheme == "int8":
         return Int8Weight.empty(out, width, dtype)
@@ -453,7 +452,7 @@ def row_blocks(weight_or_rows, block: int = 4096):
     return [slice(start, start + block) for start in range(0, rows, block)]
 
 
-def check_scheme(scheme: str, widths, group_size: int = GROUP_SIZE, rows=()) -> None:
+def check_scheme(scheme: str, widths, group_size: int, rows=()) -> None:
     """One line for an unknown scheme, or an int4 group size that PyTorch's kernel does not take or
     that does not divide every input width (and int4 needs output rows in multiples of 16)."""
     if scheme not in SCHEMES:
