@@ -43,7 +43,7 @@ def main():
             "MODEL_NAME and LLAMA_MODELS_DIR, or set LLAMA_CHECKPOINT_DIR"
         raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}")
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
-    if len(files.shards) > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:  # several shards, or under torchrun
+    if len(files.shards) > 1 or os.environ.get("WORLD_SIZE", "1") != "1":  # several shards, or under torchrun
         raise LlamaError(f"this script runs one process on one shard ({files.folder} has {len(files.shards)}): use "
                          "run_inference.py, which merges shards or splits them over torchrun's processes")
     device = resolve_device(DEVICE)

@@ -49,7 +49,8 @@ def exit_with_error(error: Exception) -> None:
 
 
 def torchrun_rank() -> int:  # torchrun's RANK variable: the error may come before torch.distributed starts
-    return int(os.environ.get("RANK", "0"))
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isascii() and rank.isdigit() else 0  # init_model_parallel refuses one that is not
 
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (seconds) ends quietly; main() restores it

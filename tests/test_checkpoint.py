@@ -14,7 +14,7 @@ import torch
 from checkpoints import TINY_SHAPES, folder_snapshot, mapped_file_rss_bytes, memory_mapped_ranges, write_checkpoint
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
-from llama_models.llama3.checkpoint import find_checkpoint_files
+from llama_models.llama3.checkpoint import check_torchrun_environment, find_checkpoint_files
 from llama_models.llama3.sharding import release_mapped_pages
 from tokenizer_files import write_byte_level_tokenizer
 
@@ -458,3 +458,18 @@ def test_model_is_built_without_memory_for_its_weights(monkeypatch):
     assert weights["layers.0.attention.wq.weight"].shape == (32, 64)  # half of the 64 query rows
     assert weights["layers.0.attention.wo.weight"].shape == (64, 32)  # half of the 64 input columns
     assert model.tok_embeddings.vocab_start_index == 256  # process 1 owns the second half of the vocabulary
+
+
+@pytest.mark.parametrize("variables, culprit", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a process number"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is not a process number"),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "RANK is set but not MASTER_ADDR and MASTER_PORT: torchrun sets them all"),
+])
+def test_a_torchrun_environment_that_torch_distributed_cannot_start_from_is_named(variables, culprit, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    check_torchrun_environment()  # outside torchrun: nothing to check
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LlamaError, match=re.escape(culprit)):
+        check_torchrun_environment()

@@ -423,8 +423,8 @@ def test_token_table_shows_partial_characters_as_bytes(tiny_checkpoint, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
-def run_python(arguments: list, checkpoint=None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # as `one_thread` above, for the scripts
+def run_python(arguments: list, checkpoint=None, variables: dict = {}) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **variables}  # as `one_thread` above, for the scripts
     environment.pop("LLAMA_CHECKPOINT_DIR", None)
     if checkpoint is not None:
         environment["LLAMA_CHECKPOINT_DIR"] = str(checkpoint)
@@ -713,6 +713,13 @@ def test_minimal_script_refuses_torchrun_and_several_shards(tiny_checkpoint, tmp
     for finished, shards in ((under_torchrun, 1), (two_shards, 2)):
         assert finished.returncode == 1 and "runs one process on one shard (" in finished.stderr
         assert f"has {shards}): use run_inference.py, which merges shards or splits them" in finished.stderr
+
+
+def test_a_torchrun_variable_that_is_not_a_number_gets_one_line(tiny_checkpoint):
+    finished = run_python(["run_inference.py"], checkpoint=tiny_checkpoint("gqa4"), variables={"RANK": "x"})
+    assert finished.returncode == 1
+    assert finished.stderr == ("error: the environment variable RANK='x' is not a process number: torchrun sets it; "
+                               "unset it to run one process (or start the script with torchrun)\n")
 
 
 def test_minimal_script_says_it_takes_no_arguments():

@@ -119,6 +119,7 @@ def init_model_parallel(device: torch.device) -> torch.device:
     Returns the device this process computes on: "cuda" becomes the GPU numbered by torchrun's
     LOCAL_RANK, so that the processes on one machine use one GPU each.
     """
+    check_torchrun_environment()
     device = _device_for_this_process(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL communicates from the current GPU
@@ -133,6 +134,20 @@ def init_model_parallel(device: torch.device) -> torch.device:
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             fairscale_parallel.initialize_model_parallel(dist.get_world_size())
     return device
+
+
+def check_torchrun_environment() -> None:
+    """torchrun's variables, where one is set: RANK, WORLD_SIZE and LOCAL_RANK are process numbers,
+    and RANK comes with the rest of what torch.distributed reads."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        value = os.environ.get(name, "0")
+        if not (value.isascii() and value.isdigit()):
+            raise LlamaError(f"the environment variable {name}={value!r} is not a process number: torchrun sets "
+                             "it; unset it to run one process (or start the script with torchrun)")
+    missing = [name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if "RANK" in os.environ and missing:
+        raise LlamaError(f"the environment variable RANK is set but not {' and '.join(missing)}: torchrun sets them "
+                         "all; unset RANK to run one process (or start the script with torchrun)")
 
 
 def _device_for_this_process(device: torch.device) -> torch.device:
