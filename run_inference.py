@@ -130,7 +130,7 @@ WHOLE_NUMBER_SETTINGS = {"MAX_NEW_TOKENS": (1, None), "BEAM_WIDTH": (1, None), "
 NUMBER_SETTINGS = {"LENGTH_PENALTY": (-10, 10), "TEMPERATURE": (0, None), "TOP_P": (0, 1)}  # ranges
 SWITCH_SETTINGS = ("CHAT", "SHOW_TOKENS", "SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "SHOW_MEMORY", "SHOW_PROFILE")
 TEXT_SETTINGS = {"MODEL_NAME": False, "LLAMA_MODELS_DIR": False, "INPUT_STRING": False, "SYSTEM_PROMPT": True,
-                 "ATTENTION_PNG": True, "DEVICE": False, "DTYPE": True}  # may it be None? (values: chapter 6)
+                 "ATTENTION_PNG": True, "DEVICE": False, "DTYPE": True}  # may it be None?
 
 
 def check_settings() -> None:
@@ -367,8 +367,8 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # Why decoding gets faster and a prompt may not: PyTorch's int8 and int4 kernels read the small
 # numbers and convert each to the activations' dtype as they multiply. For one row (a decode step)
 # that conversion is done once per weight read, so fewer bytes win as long as the CPU converts
-# faster than the memory delivers; where it does not, the arithmetic sets the pace (README,
-# "Measured": on a 2-core AVX2 EPYC int4 decoded slower than int8). For a prompt of many rows every
+# faster than the memory delivers; where it does not, the arithmetic sets the pace (README, "Speed
+# and memory, measured", has a CPU where int4 decodes slower than int8). For a prompt of many rows every
 # weight is used many times, the conversion is repeated for each, and the time is arithmetic: there
 # converting an int8 matrix back once ("dequantized", for the length of one product, whole or a
 # block of rows at a time) can be faster.
@@ -376,7 +376,7 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 #
 # llama_models/llama3/quantize.py quantizes each matrix as it is loaded, frees the bfloat16 original,
 # and keeps the embedding and the output layer one matrix where Llama 3.2 shares them. Quantizing
-# takes time at every start (8B: 40 to 60 s on the 2-core EPYC of README's tables), so it can be done
+# takes time at every start (README's tables say how long on the CPUs measured), so it can be done
 # once instead:
 #     python -m llama_models.quantize ~/.llama/checkpoints/Llama3.1-8B-Instruct ~/.llama/checkpoints/Llama3.1-8B-Instruct-int4 int4
 # writes a folder whose params.json names the scheme; point MODEL_NAME at it, and its matrices are
@@ -390,10 +390,10 @@ def model_args_for(params: ModelArgs, prompt_length: int, batch_size: int) -> Mo
 # significant bits include bfloat16's 8) unless it is below 6e-5 in magnitude, and those move by
 # less than 6e-8. It is about speed on CPUs without bfloat16 arithmetic, where every bfloat16
 # kernel converts each weight as it multiplies. PyTorch's fbgemm library has a half-precision product
-# for one row, four (beams) or a prompt's worth, once each matrix is packed in its own layout (on the
-# 2-core AVX2 EPYC of README's tables it read 0.69 of the memory's speed where bfloat16 read 0.51).
-# That packing is done at every load (there: 9 s for Llama 3.2 1B) and cannot be saved, so it pays
-# off over a long generation or a chat, if at all: run benchmarks/bench.py --quantize fp16 to see.
+# for one row, four (beams) or a prompt's worth, once each matrix is packed in its own layout (README's
+# tables have a CPU where it reads the memory faster than any bfloat16 kernel). That packing is done
+# at every load, in seconds for Llama 3.2 1B, and cannot be saved, so whether it pays off depends on
+# the CPU and on how many tokens follow: benchmarks/bench.py --quantize fp16 measures both sides.
 # The embedding is not packed: a lookup reads a few of its rows. products.py still times fbgemm's
 # product against the others and keeps the fastest, as for every kind of weight.
 
@@ -728,11 +728,12 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
         if is_main:
             beside = "the system prompt and " if SYSTEM_PROMPT else ""
             print(f"(that message is {len(user)} tokens: with {beside}room for an answer of "
-                  f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS} it does not fit CHAT_CONTEXT = {context}; send a shorter one)")
+                  f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS} it does not fit the chat's {context} tokens (CHAT_CONTEXT); "
+                  "send a shorter one)")
         return
     dropped = fit_into_context(conversation, user, MAX_NEW_TOKENS, context)
     if dropped and is_main:
-        print(f"(the dialog outgrew CHAT_CONTEXT = {context} tokens: dropped the {dropped} oldest "
+        print(f"(the dialog outgrew the chat's {context} tokens (CHAT_CONTEXT): dropped the {dropped} oldest "
               f"exchange{'s' if dropped > 1 else ''} and prefilled the rest again)")
     prompt, reused = conversation.tokens() + user, conversation.cached
     # A new seed each turn (the same in every process), else each answer would draw the same numbers.
@@ -795,7 +796,7 @@ def chat(model, tokenizer: Tokenizer, is_main: bool) -> None:
         sys.stdin.reconfigure(errors="replace")
     if is_main:
         print(f"chat: one message per line (end a line with \\ to go on on the next), /reset, /exit or "
-              f"Ctrl-D to end; the dialog keeps up to CHAT_CONTEXT = {model.args.max_seq_len} tokens\n")
+              f"Ctrl-D to end; the dialog keeps up to {model.args.max_seq_len} tokens (CHAT_CONTEXT)\n")
     for turn in itertools.count():
         text = read_message(is_main)
         command = text.strip() if text is not None else "/exit"  # the end of input ends the chat too

@@ -72,8 +72,8 @@ DTYPE_NAMES = {"bf16": "bfloat16", "f32": "float32"}
 DEFAULT_PROMPT_TOKENS = 128
 BEAM_WIDTH = 4  # both sides' beam search, the same rules (transformers' early_stopping=True)
 LENGTH_PENALTY = 1.0
-# A prefill is short (seconds at most for 1B's 128 tokens), so a burst of load from another
-# process can double one; the best of several is the code's own speed. Timed apart from the generations.
+# A prefill is short, so a burst of load from another process can double one; the best of several is
+# the code's own speed. Timed apart from the generations.
 PREFILL_REPEATS = 5
 MIB = 2**20
 GIB = 2**30

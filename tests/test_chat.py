@@ -109,7 +109,7 @@ def test_a_message_larger_than_the_context_is_refused_and_the_chat_goes_on(tiny_
     conversation = run_inference.Conversation([tokenizer.bos_id])
     run_inference.chat_turn(model, tokenizer, conversation, "x" * 200, is_main=True, turn=0)
     assert conversation.exchanges == []
-    assert "does not fit CHAT_CONTEXT = 100; send a shorter one" in capsys.readouterr().out
+    assert "does not fit the chat's 100 tokens (CHAT_CONTEXT); send a shorter one" in capsys.readouterr().out
     run_inference.chat_turn(model, tokenizer, conversation, "short", is_main=True, turn=1)
     assert len(conversation.exchanges) == 1
 

@@ -183,11 +183,12 @@ class ModelArgs:
     def trained_context(self) -> int:
         """The longest text the model was trained on: 128k tokens for Llama 3.1 and later (scaled
         RoPE), 8k for the April 2024 Llama 3."""
-        return 131072 if self.use_scaled_rope else 8192
+        return 131072 if self.use_scaled_rope else UNSCALED_CONTEXT
 
 
 # The sizes every params.json of Meta's gives; without them the defaults above (8B's) would be
 # taken, and the weights blamed for not matching.
+UNSCALED_CONTEXT = 8192  # Llama 3's context, which Llama 3.1's RoPE scaling extends (model.py)
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
 WHOLE_NUMBER_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
 NUMBER_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta")

@@ -16,7 +16,7 @@ GIB = 2**30
 REPEATS = 5  # of each reduction
 
 
-def memory_read_bandwidth(size_bytes: int = GIB, device: str = "cpu") -> float:
+def memory_read_bandwidth(size_bytes: int = GIB, device: torch.device | str = "cpu") -> float:
     """Bytes per second, the best of float32 sum, float32 amax and int32 amax over `size_bytes` of
     the device's memory."""
     device = torch.device(device)

@@ -32,7 +32,7 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from fairscale.nn.model_parallel.utils import VocabUtility
 from torch import nn
 
-from .args import LlamaError, ModelArgs
+from .args import UNSCALED_CONTEXT, LlamaError, ModelArgs
 from .products import attention, embedding, linear
 from .quantize import hold_quantized_weights
 
@@ -50,7 +50,7 @@ from .quantize import hold_quantized_weights
 #    placeholder on the meta device: a shape with no memory behind it. `load_state_dict(...,
 #    assign=True)` then puts the checkpoint's tensors in its place, and no second copy ever exists.
 #
-# 2. The product of the linear layers, `linear`, picks the fastest PyTorch kernel for this CPU, and the
+# 2. The product of the linear layers, `linear`, uses the fastest PyTorch kernel it timed on this device, and the
 #    embedding's lookup is `embedding`; both also take quantized weights (products.py, quantize.py).
 #    fairscale's mapping functions still do all the communication between processes.
 
@@ -115,9 +115,9 @@ class VocabParallelEmbedding(fairscale_layers.VocabParallelEmbedding):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (batch, seq) -> (batch, seq, dim)
         # fairscale's forward, with the lookup by `embedding`, which also reads quantized rows.
-        outside = (tokens < self.vocab_start_index) | (tokens >= self.vocab_end_index)  # other processes' ids
+        outside = (tokens < self.vocab_start_index) | (tokens >= self.vocab_end_index)  # (batch, seq): other processes' ids
         local_ids = (tokens - self.vocab_start_index).masked_fill(outside, 0)
-        vectors = embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)
+        vectors = embedding(local_ids, self.weight).masked_fill(outside[..., None], 0.0)  # (batch, seq, dim)
         return reduce_from_model_parallel_region(vectors)
 
 
@@ -166,25 +166,23 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return freqs
 
 
-def scale_rope_frequencies(
-    freqs: torch.Tensor,
-    scale_factor: float,
-    low_freq_factor: float = 1.0,
-    high_freq_factor: float = 4.0,
-    original_context: int = 8192,
-) -> torch.Tensor:
-    """Llama 3.1's context extension from 8k to 128k tokens.
+# Llama 3.1's RoPE scaling: the same two constants in every Llama 3.x model (params.json names none).
+ROPE_LOW_FREQ_FACTOR, ROPE_HIGH_FREQ_FACTOR = 1.0, 4.0
 
-    Pairs that turn fast (wavelength under original_context / high_freq_factor = 2048 tokens) encode
+
+def scale_rope_frequencies(freqs: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """Llama 3.1's context extension from 8k to 128k tokens.   freqs (head_dim/2,) -> (head_dim/2,)
+
+    Pairs that turn fast (wavelength under UNSCALED_CONTEXT / ROPE_HIGH_FREQ_FACTOR = 2048 tokens) encode
     local order and are kept. Pairs that turn so slowly that they never finished a turn in the 8k
     training context are slowed down further by `scale_factor`, so that 128k positions still map to
     angles the model has seen. Wavelengths in between blend smoothly between the two.
     """
     wavelength = 2 * math.pi / freqs
-    short_wavelength = original_context / high_freq_factor  # 2048
-    long_wavelength = original_context / low_freq_factor  # 8192
+    short_wavelength = UNSCALED_CONTEXT / ROPE_HIGH_FREQ_FACTOR  # 2048
+    long_wavelength = UNSCALED_CONTEXT / ROPE_LOW_FREQ_FACTOR  # 8192
     # 0 at the long end, 1 at the short end of the blended band.
-    smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = (UNSCALED_CONTEXT / wavelength - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
     blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
     scaled = torch.where(wavelength > long_wavelength, freqs / scale_factor, blended)
     return torch.where(wavelength < short_wavelength, freqs, scaled)
@@ -306,7 +304,8 @@ class Attention(nn.Module):
         # `attention` (products.py) computes exactly this with the fastest of its candidates, timed
         # as the matrices' are: F.scaled_dot_product_attention, whose fused CPU kernel works block by
         # block, never holds the (seq x kv_len) scores and copies no key/value head (Meta's code
-        # repeats each n_rep times), and float32 variants for a decode step's single query row.
+        # repeats each n_rep times), and float32 variants, which pay where the CPU has no bfloat16
+        # arithmetic (a decode step's one query row above all).
         # Where no fused kernel fits (some GPU cases) PyTorch computes the scores whole, which is why
         # run_inference.py prefills in chunks. Its `last_layer_attention` writes the same
         # computation out step by step.
@@ -390,8 +389,8 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """The residual stream after the last layer, before the final norm.   # (batch, seq, dim)
 
-        In inference mode (no autograd records), so its tensors, and those forward hooks see, can be
-        read and copied but not changed in place outside it."""
+        In inference mode (no autograd records): its tensors, and those its forward hooks see, can be
+        read and copied outside it but not changed in place."""
         batch, seq = tokens.shape
         self._check_fits_cache(batch, seq, start_pos)
         self._check_token_ids(tokens)

@@ -251,7 +251,8 @@ class Int4Weight(QuantizedWeight):
 
     def float32_rows(self, start, out):  # as `rows` computes them, with no float-sized temporaries
         out.copy_(self._code_values(slice(start, start + out.shape[0])))
-        self._weights_from_codes_(out, self.scales_and_zeros[:, start : start + out.shape[0]].transpose(0, 1))
+        scale_and_zero = self.scales_and_zeros[:, start : start + out.shape[0]].transpose(0, 1)  # (rows, groups, 2)
+        self._weights_from_codes_(out, scale_and_zero)
 
     def _reshuffled_layout(self) -> Optional[tuple]:
         """cpu_int4_layout() where this matrix's rows are whole blocks of it, so that pack_int4_rows
@@ -301,8 +302,8 @@ class Int4Weight(QuantizedWeight):
 # The CPU int4 kernel's layout, made quickly
 # ------------------------------------------------------------------------------------------------
 # torch._convert_weight_to_int4pack_for_cpu wants one int32 per weight, and converting to that and
-# back takes most of an int4 folder's loading (8B: about 25 s on a 2-core AVX2 EPYC). The layout it
-# makes is simple (PyTorch's aten/src/ATen/native/cpu/int4mm_kernel.cpp): the rows in blocks of B
+# back takes most of an int4 folder's loading. The layout it makes is simple (PyTorch's
+# aten/src/ATen/native/cpu/int4mm_kernel.cpp): the rows in blocks of B
 # (four float32 vector widths: 32 with AVX2, 64 with AVX-512), and for each input k, B/2 bytes, byte
 # j holding two codes of the block, low nibble first: those of rows j and j + B/2 where the kernel
 # is vectorized, of rows 2j and 2j + 1 where not. That is a reshuffle of our bytes, which
