@@ -1349,7 +1349,7 @@ def run() -> None:
 
     load_started = time.perf_counter()  # 6. load the weights
     load_weights(model, files, device, dtype)
-    scheme = (params.quantization or {}).get("scheme") or QUANTIZE  # a quantized folder's own, or ours
+    scheme = params.stored_scheme or QUANTIZE  # a quantized folder's own, or ours
     quantize_loaded(model, QUANTIZE, params, files.shards, quantizing_progress(scheme, is_main))  # 6b. quantize them
     if scheme and device.type != "cpu" and is_main:
         print(how_quantized_matrices_multiply(model, scheme, device, dtype))

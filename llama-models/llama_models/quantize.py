@@ -51,8 +51,8 @@ def quantize_checkpoint(src: Path, dst: Path, scheme: str, group_size: int = GRO
     dst = Path(dst).expanduser()
     check_destination(Path(src).expanduser(), dst)
     args = ModelArgs.from_json_file(files.params)
-    if args.quantization:
-        raise LlamaError(f"{files.folder} is already quantized ({args.quantization['scheme']}, by this tool): "
+    if args.stored_scheme:
+        raise LlamaError(f"{files.folder} is already quantized ({args.stored_scheme}, by this tool): "
                          "quantize the bfloat16 checkpoint it came from")
     shards = ShardFiles(files.shards)
     shapes = whole_tensor_shapes(shards, args, files.folder)

@@ -55,8 +55,8 @@ def reshard(src: Path, dst: Path, n_shards: int) -> None:
     dst = Path(dst).expanduser()
     check_destination(Path(src).expanduser(), dst)
     args = ModelArgs.from_json_file(files.params)
-    if args.quantization:
-        raise LlamaError(f"{files.folder} is quantized ({args.quantization['scheme']}): torchrun loads it as it is, "
+    if args.stored_scheme:
+        raise LlamaError(f"{files.folder} is quantized ({args.stored_scheme}): torchrun loads it as it is, "
                          "with any process count that fits (each process cuts its slice from the one file)")
     check_world_size(args, len(files.shards), n_shards, files.folder)
     shards = ShardFiles(files.shards)

@@ -175,6 +175,16 @@ class ModelArgs:
         return cls.from_params(params, **runtime)
 
     @property
+    def stored_scheme(self) -> Optional[str]:
+        """How the checkpoint's matrices are stored: "int8" or "int4" (llama_models.quantize), or None."""
+        return self.quantization["scheme"] if self.quantization else None
+
+    @property
+    def group_size(self) -> Optional[int]:
+        """An int4 checkpoint's inputs per scale and zero point; None for any other."""
+        return self.quantization.get("group_size") if self.quantization else None
+
+    @property
     def n_rep(self) -> int:
         """How many query heads share one key/value head (4 for 8B and 1B, 8 for 70B)."""
         return self.n_heads // self.n_kv_heads

@@ -37,7 +37,7 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 from .args import LlamaError, ModelArgs
 from .model import Transformer
 from .quantize import pack_for_cpu, quantize as quantize_weights
-from .sharding import (QUANTIZED_PART_SPLIT, ShardFiles, args_for_model_parallel, check_world_size,
+from .sharding import (QUANTIZED_PART_SPLIT, ShardFiles, args_for_model_parallel, check_world_size, first_shard_of,
                        local_state_dict, release_mapped_pages, same_memory)
 from .tokenizer import Tokenizer
 
@@ -438,7 +438,7 @@ def check_quantization_is_announced(tensors: dict, expected: dict, args, path: P
     otherwise be blamed on the tensors' names."""
     quantized_parts = [name for name in tensors if name.endswith(QUANTIZED_PART_NAMES)]
     if quantized_parts and not any(name.endswith(quantized_parts[0].rsplit(".", 1)[1]) for name in expected):
-        scheme = (args.quantization or {}).get("scheme")
+        scheme = args.stored_scheme
         said = f"params.json's scheme, {scheme}, does not describe" if scheme else "params.json does not announce"
         raise LlamaError(f"{path} holds quantized matrices ({quantized_parts[0]}) that {said}: {QUANTIZED_HELP}")
 
@@ -482,7 +482,7 @@ def load_weights(model: Transformer, files: CheckpointFiles, device: torch.devic
     rank, world_size = model_parallel_rank_and_size()
     # Named in error messages: the one file this process reads (its shard), else the folder.
     reads_one_shard = world_size >= len(files.shards)
-    weights = files.shards[rank * len(files.shards) // world_size] if reads_one_shard else files.folder
+    weights = files.shards[first_shard_of(rank, len(files.shards), world_size)] if reads_one_shard else files.folder
     with every_process_or_none("read its part of the weights"):  # the shards a machine has may differ
         check_world_size(model.args, len(files.shards), world_size, files.folder)
         state_dict = local_state_dict(files.shards, rank, world_size, model.args)
@@ -551,16 +551,16 @@ def load_llama(
 def quantize_loaded(model: Transformer, quantize: Optional[str], args: ModelArgs, shard_paths: list,
                     progress: Optional[Callable[[int, int], None]] = None) -> None:
     """After load_weights: quantize as asked, unless the folder's matrices are quantized already
-    (args.quantization); then make int4's CPU kernel layout, while loading rather than at the first
+    (args.stored_scheme); then make int4's CPU kernel layout, while loading rather than at the first
     product. `progress(done, total)` is called after each matrix quantized."""
-    if quantize is not None and not args.quantization:
+    if quantize is not None and not args.stored_scheme:
         quantize_weights(model, quantize, shard_paths=shard_paths, progress=progress)
     pack_for_cpu(model, shard_paths)
 
 
 def check_quantize_request(quantize: Optional[str], args: ModelArgs, folder: Path) -> None:
     """A quantized folder cannot be quantized another way: its bfloat16 weights are gone."""
-    stored = (args.quantization or {}).get("scheme")
+    stored = args.stored_scheme
     if stored and quantize not in (None, stored):
         raise LlamaError(f"{folder} holds {stored} weights (written by llama_models.quantize), which cannot become "
                          f"{quantize}: set QUANTIZE (quantize=) to None or {stored!r}, or use the bfloat16 checkpoint")

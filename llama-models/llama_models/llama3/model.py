@@ -377,8 +377,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size)  # gathers every process's vocabulary slice
-        if args.quantization:  # a folder written by `python -m llama_models.quantize`: 8- or 4-bit matrices
-            hold_quantized_weights(self, **args.quantization)
+        if args.stored_scheme:  # a folder written by `python -m llama_models.quantize`: 8- or 4-bit matrices
+            hold_quantized_weights(self, args.stored_scheme, args.group_size)
         # A plain attribute, not a buffer: `model.to(torch.bfloat16)` must not round the angles.
         self.rope_cos, self.rope_sin = rope_cos_sin(args)
 

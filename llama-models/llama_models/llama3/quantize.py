@@ -542,7 +542,7 @@ def is_embedding(module: nn.Module) -> bool:
     return hasattr(module, "num_embeddings")
 
 
-def hold_quantized_weights(model: nn.Module, scheme: str, group_size: int = GROUP_SIZE) -> None:
+def hold_quantized_weights(model: nn.Module, scheme: str, group_size: Optional[int]) -> None:
     """Give every matrix of a freshly built `model` an empty `scheme` weight of its shape, in place
     of its float placeholder, so that a quantized checkpoint's state dict fits it."""
     modules = quantized_modules(model)

@@ -117,7 +117,7 @@ def why_world_size_does_not_fit(args: ModelArgs, n_shards: int, world_size: int)
         if size % world_size:
             return f"its {size} {name} cannot be shared out evenly"
     # An int4 folder's groups of inputs cannot be cut: wo and w2 split their inputs (dim, ffn width).
-    group_size = (args.quantization or {}).get("group_size")
+    group_size = args.group_size
     for width in (args.dim, args.ffn_hidden_dim) if group_size else ():
         if (width // world_size) % group_size:
             return f"its int4 groups of {group_size} inputs would be cut ({width} inputs, {width // world_size} a process)"
@@ -318,6 +318,12 @@ class ShardFiles:
 # ------------------------------------------------------------------------------------------------
 
 
+def first_shard_of(rank: int, n_shards: int, world_size: int) -> int:
+    """The first (or only) shard process `rank` of `world_size` reads: each reads n_shards / world_size
+    of them, or world_size / n_shards processes share one."""
+    return rank * n_shards // world_size
+
+
 def local_state_dict(shard_paths: list[Path], rank: int, world_size: int, args: ModelArgs) -> dict:
     """Process `rank`'s slice of every tensor, for `world_size` processes; {name: tensor}.
 
@@ -326,7 +332,7 @@ def local_state_dict(shard_paths: list[Path], rank: int, world_size: int, args: 
     from disk until the tensor is used or converted.
     """
     shards = ShardFiles(shard_paths)
-    first_shard = rank * len(shards) // world_size  # the first (or only) shard this process reads
+    first_shard = first_shard_of(rank, len(shards), world_size)
     tensors = {}
     for name in shards.tensor_names(first_shard):
         role = without_layer_prefix(name)
@@ -374,7 +380,7 @@ def kv_heads_for_rank(shards: ShardFiles, name: str, dim: int, rank: int, world_
     args.n_kv_heads == N and the files hold fewer heads: each process gets one head, and the N/heads
     processes that share a head are neighbours, so process r gets head r // (N/heads).
     """
-    first_shard = rank * len(shards) // world_size
+    first_shard = first_shard_of(rank, len(shards), world_size)
     stored_heads = shards.tensor(first_shard, name).shape[dim] * len(shards) // args.head_dim
     if world_size > stored_heads and args.n_kv_heads == world_size:
         return slice_for_rank(shards, name, dim, rank // (world_size // stored_heads), stored_heads)
