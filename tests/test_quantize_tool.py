@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from checkpoints import folder_snapshot
+from checkpoints import TINY_SHAPES, folder_snapshot, write_checkpoint
 from llama_models import quantize as tool
 from llama_models import reshard
-from llama_models.llama3 import LlamaError, ModelArgs, load_llama
+from llama_models.llama3 import LlamaError, ModelArgs, load_llama, products
 from llama_models.llama3.quantize import Int4Weight
 
 SCHEMES = ["int8", "int4"]
@@ -72,6 +72,24 @@ def test_the_folder_loads_what_quantizing_at_load_gives(tiny_checkpoint, quantiz
     assert (folder / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
     params = json.loads((folder / "params.json").read_text())
     assert params["quantization"] == ({"scheme": "int8"} if scheme == "int8" else {"scheme": "int4", "group_size": 32})
+
+
+def test_an_int4_folder_and_int4_at_load_run_side_by_side(tmp_path, one_attention_kernel, monkeypatch):
+    """A tied output quantized at load keeps its codes (the embedding looks them up), the folder's
+    does not: for a prompt the two have different candidates, so their products are kinds apart."""
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(products.CPU_KERNELS))
+    # gqa1's shapes, tied: no other matrix has the output layer's shape, so its choice is its own
+    source = write_checkpoint(tmp_path / "tied", dict(TINY_SHAPES["gqa1"], with_output=False))
+    assert tool.main([str(source), str(tmp_path / "int4"), "int4"]) == 0
+    from_folder, _ = load_llama(tmp_path / "int4", max_seq_len=64)
+    at_load, _ = load_llama(source, max_seq_len=64, quantize="int4")
+    prompt = torch.arange(1, 41)[None]  # (1, 40): a prompt's rows, for which dequantizing is a candidate
+    for _ in range(2 * products.TRIALS):  # until every candidate of both kinds has had its trials
+        folder_logits, at_load_logits = from_folder(prompt, start_pos=0), at_load(prompt, start_pos=0)
+    scale = at_load_logits.float().abs().max()
+    assert ((folder_logits.float() - at_load_logits.float()).abs().max() / scale).item() < 0.02  # kernels' rounding
+    rows = from_folder.output.weight, at_load.output.weight
+    assert products.product_kind(40, rows[0]) != products.product_kind(40, rows[1])
 
 
 def test_the_file_holds_the_portable_layout_and_a_tied_matrix_once(quantized):

@@ -334,9 +334,16 @@ def power_of_two_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def product_kind(rows: int, weight: torch.Tensor) -> tuple:
-    """What a choice is made for: (dtype, weight shape, rows rounded up to a power of two)."""
-    return (weight.dtype, tuple(weight.shape), power_of_two_at_least(rows))
+def product_kind(rows: int, weight) -> tuple:
+    """What a choice is made for: (dtype, weight shape, rows rounded up to a power of two). For a
+    quantized matrix the "dtype" also holds what else its candidates depend on (`applies`): the
+    activations' dtype (its scales') and what it can be converted back from. Two models in one
+    process may hold matrices of one scheme and shape that differ in those."""
+    if isinstance(weight, torch.Tensor):
+        dtype = weight.dtype
+    else:
+        dtype = (weight.dtype, weight.scales_dtype, weight.can_dequantize, weight.can_dequantize_rows)
+    return (dtype, tuple(weight.shape), power_of_two_at_least(rows))
 
 
 def _linear_kind(x: torch.Tensor, weight) -> tuple:
