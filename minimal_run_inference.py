@@ -17,6 +17,7 @@ from fairscale.nn.model_parallel.initialize import initialize_model_parallel  # 
 
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Transformer
+    from llama_models.llama3.args import is_whole_number
     from llama_models.llama3.checkpoint import (convert_one_by_one, find_checkpoint_files, load_tokenizer,
                                                 match_checkpoint_to_model, resolve_device)
     from llama_models.llama3.quantize import pack_for_cpu
@@ -65,7 +66,7 @@ def main():
     else:
         prompt = tokenizer.encode(INPUT_STRING, bos=True, eos=False)
 
-    if isinstance(MAX_NEW_TOKENS, bool) or not isinstance(MAX_NEW_TOKENS, int) or MAX_NEW_TOKENS < 1:
+    if not is_whole_number(MAX_NEW_TOKENS) or MAX_NEW_TOKENS < 1:
         raise LlamaError(f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS!r}: write a whole number of at least 1")
     context = params.trained_context  # 128k tokens for Llama 3.1 and later, 8k before
     if len(prompt) + MAX_NEW_TOKENS > context:

@@ -62,6 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, products
+    from llama_models.llama3.args import is_finite_number, is_whole_number
     from llama_models.llama3.bandwidth import memory_read_bandwidth, synchronize
     from llama_models.llama3.checkpoint import (
         build_model,
@@ -137,13 +138,13 @@ def check_settings() -> None:
     settings = globals()
     for name, (low, high) in WHOLE_NUMBER_SETTINGS.items():
         value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_whole_number(value):
             hint = " (0 turns it off)" if name == "SHOW_ALTERNATIVES" else ""
             raise LlamaError(f"{name} = {value!r}: write a whole number, e.g. {name} = 5{hint}")
         check_range(name, value, low, high)
     for name, (low, high) in NUMBER_SETTINGS.items():
         value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
+        if not is_finite_number(value):
             raise LlamaError(f"{name} = {value!r}: write a finite number, e.g. {name} = 0.9")
         check_range(name, value, low, high)
     for name in SWITCH_SETTINGS + ("IS_INSTRUCT",):
@@ -161,13 +162,6 @@ def check_settings() -> None:
         raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, {listed(SCHEMES)}")
     if ATTENTION_PNG is not None:  # now, not after the model has loaded and answered
         check_attention_png(Path(ATTENTION_PNG).expanduser())
-
-
-def is_finite(number) -> bool:
-    try:
-        return math.isfinite(number)
-    except OverflowError:  # a whole number beyond any float, such as 10**400
-        return False
 
 
 def check_range(name: str, value, low, high) -> None:  # None: no bound on that side
@@ -461,8 +455,7 @@ def prefill(model, prompt_tokens: list, cached: int = 0) -> torch.Tensor:
     `cached`: how many of the prompt's first tokens the KV cache already holds (a chat's earlier
     turns, chapter 7b); the prefill starts after them.
     """
-    if not isinstance(prompt_tokens, list) or not prompt_tokens or not all(
-            isinstance(token, int) and not isinstance(token, bool) for token in prompt_tokens):
+    if not isinstance(prompt_tokens, list) or not prompt_tokens or not all(map(is_whole_number, prompt_tokens)):
         raise LlamaError(f"the prompt must be a list of at least one token id (ints), not {prompt_tokens!r:.60}")
     if not 0 <= cached < len(prompt_tokens):
         raise ValueError(f"cached={cached} must leave at least one of the {len(prompt_tokens)} prompt tokens to run")
@@ -525,9 +518,11 @@ def sample(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, tempera
     """Yield (token, probability) pairs drawn at random from the temperature-scaled, top-p-cut
     distribution; the probability is the token's in that distribution. Under torchrun every process
     uses the same seed and sees the same logits, so all draw the same tokens."""
-    if not (temperature >= 0 and 0 <= top_p <= 1):  # NaN fails both: it compares as nothing
-        raise LlamaError(f"temperature={temperature!r}, top_p={top_p!r}: the temperature must be 0 or more, top_p "
-                         "between 0 and 1")
+    if not (is_finite_number(temperature) and temperature >= 0 and is_finite_number(top_p) and 0 <= top_p <= 1):
+        raise LlamaError(f"temperature={temperature!r}, top_p={top_p!r}: the temperature must be a number of 0 or "
+                         "more, top_p one between 0 and 1")
+    if not (is_whole_number(seed) and -2**63 <= seed < 2**64):  # what torch.Generator.manual_seed takes
+        raise LlamaError(f"seed={seed!r}: it must be a whole number from -2**63 to 2**64 - 1")
     if temperature <= 0:  # no randomness left: the most likely token every time, drawn with probability 1
         return ((token, 1.0) for token, _ in greedy_decode(model, prompt_tokens, max_new_tokens, stop_tokens, cached))
     generator = torch.Generator(device=model.output.weight.device).manual_seed(seed)

@@ -154,13 +154,17 @@ def test_a_prompt_that_is_not_token_ids_is_named(float32_model, prompt, message)
         list(run_inference.greedy_decode(model, prompt, 3))
 
 
-@pytest.mark.parametrize("temperature, top_p", [(-1.0, 0.9), (float("nan"), 0.9), (0.6, 1.5), (0.6, float("nan"))])
-def test_sample_names_a_temperature_or_top_p_out_of_range(float32_model, temperature, top_p):
-    """The script checks its settings; a caller of sample() would get PyTorch's multinomial error, or
-    with top_p NaN no cut at all."""
+@pytest.mark.parametrize("temperature, top_p, seed, message", [
+    *[(temperature, top_p, 1, "the temperature must be a number of 0 or more, top_p one between 0 and 1")
+      for temperature, top_p in [(-1.0, 0.9), (float("nan"), 0.9), ("0.7", 0.9), (0.6, 1.5), (0.6, float("nan"))]],
+    *[(0.6, 0.9, seed, "it must be a whole number from -2[*][*]63 to 2[*][*]64 - 1") for seed in (2**64, 1.5, None)],
+])
+def test_sample_names_a_temperature_top_p_or_seed_out_of_range(float32_model, temperature, top_p, seed, message):
+    """The script checks its settings; a caller of sample() would get PyTorch's multinomial error, with
+    top_p NaN no cut at all, or with a seed of 2**64 PyTorch's overflow."""
     model, _, _ = float32_model("gqa4")
-    with pytest.raises(run_inference.LlamaError, match="the temperature must be 0 or more, top_p between 0 and 1"):
-        list(run_inference.sample(model, [256, 72], 3, frozenset(), temperature, top_p, seed=1))
+    with pytest.raises(run_inference.LlamaError, match=message):
+        list(run_inference.sample(model, [256, 72], 3, frozenset(), temperature, top_p, seed=seed))
 
 
 def test_beam_search_wider_than_the_cache_and_a_negative_position_are_named(float32_model):

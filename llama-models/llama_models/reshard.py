@@ -32,7 +32,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: exit code 130, no trac
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import torch  # noqa: E402
 
-from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # noqa: E402
+from .llama3.args import LlamaError, ModelArgs, first_line, is_whole_number, model_arguments  # noqa: E402
 from .llama3.checkpoint import find_checkpoint_files, whole_tensor_shapes  # noqa: E402
 from .llama3.sharding import (  # noqa: E402
     KV_WEIGHTS,
@@ -47,7 +47,7 @@ from .llama3.sharding import (  # noqa: E402
 
 def reshard(src: Path, dst: Path, n_shards: int) -> None:
     """Write the checkpoint in folder `src` as `n_shards` shards into the new folder `dst`."""
-    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+    if not is_whole_number(n_shards) or n_shards < 1:
         raise LlamaError(f"N = {n_shards}: the number of shards must be a whole number of at least 1, "
                          "the number of processes that will run the copy")
     refuse_under_torchrun("reshard")

@@ -23,6 +23,21 @@ class LlamaError(Exception):
     names the culprit and says what to do, so scripts print it instead of a traceback."""
 
 
+def is_whole_number(value) -> bool:
+    """An int, and not True or False (which Python counts as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """An int or a float that a float holds: not infinite or NaN (JSON reads both), not 10**400."""
+    if not (is_whole_number(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a whole number beyond any float
+        return False
+
+
 def first_line(error: BaseException) -> str:
     """What went wrong, for one line of our own: the first line of an error from a library, or its
     kind where it has no message."""
@@ -74,15 +89,14 @@ class ModelArgs:
         a hand-edited params.json may say "128" or 128.0 or "false", which would fail later, or pass."""
         for name in WHOLE_NUMBER_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole_number(value) or value < 1:
                 raise LlamaError(f"{name} is {value!r} in params.json: it must be a whole number of at least 1, "
                                  "as in Meta's file; download params.json again or correct it")
         for name in NUMBER_FIELDS:
             value = getattr(self, name)
             if name == "ffn_dim_multiplier" and value is None:
                 continue
-            # json reads Infinity and NaN: neither is a size or a constant
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if not is_finite_number(value) or value <= 0:
                 raise LlamaError(f"{name} is {value!r} in params.json: it must be a positive finite number, as in "
                                  "Meta's file; download params.json again or correct it")
         if not isinstance(self.use_scaled_rope, bool):
@@ -114,11 +128,10 @@ class ModelArgs:
         from params.json."""
         for name in ("max_seq_len", "max_batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole_number(value) or value < 1:
                 raise LlamaError(f"{name}={value!r}: the KV cache's size must be a whole number of at least 1")
         factor = self.rope_scale_factor
-        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                                   or not 1 <= factor < math.inf):
+        if factor is not None and (not is_finite_number(factor) or factor < 1):
             raise LlamaError(f"rope_scale_factor={factor!r}: it must be a finite number of at least 1 (1: no "
                              "stretching), or None for the model's own (default_rope_scale_factor)")
 
