@@ -56,7 +56,7 @@ import checkpoints as test_checkpoints  # noqa: E402  (after the path set-up abo
 from llama_models.llama3 import ModelArgs  # noqa: E402
 from llama_models.llama3.bandwidth import memory_read_bandwidth  # noqa: E402
 from llama_models.llama3.quantize import STORED_SCHEMES  # noqa: E402
-from llama_models.reshard import OneLineParser  # noqa: E402  (argparse's errors, in one line)
+from llama_models.cli import OneLineParser  # noqa: E402  (argparse's errors, in one line)
 
 # params.json of Meta's releases (see ../shared/llama3-facts.md, section 2.1).
 COMMON_PARAMS = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from checkpoints import TINY_SHAPES, folder_snapshot, write_checkpoint
+from llama_models import cli
 from llama_models import quantize as tool
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama, products
@@ -222,22 +223,22 @@ def test_an_interrupted_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypa
 def test_a_killed_run_leaves_no_folder(tiny_checkpoint, tmp_path, monkeypatch, nested):
     """kill (SIGTERM) and a closed terminal (SIGHUP) clean up as Ctrl-C does, parents the run made included."""
     def killed(*args, **kwargs):
-        reshard.raise_killed(signal.SIGTERM, None)
+        cli.raise_killed(signal.SIGTERM, None)
 
     monkeypatch.setattr(tool, "quantize_into", killed)
     destination = tmp_path / "made" / "by the run" / "int8" if nested else tmp_path / "int8"
-    with pytest.raises(reshard.Killed):
+    with pytest.raises(cli.Killed):
         tool.main([str(tiny_checkpoint("gqa4")), str(destination), "int8"])
     assert sorted(tmp_path.iterdir()) == []
 
 
 TOOL_THAT_SIGNALS_ITSELF = """
 import os, signal, sys
-from llama_models import reshard
+from llama_models import cli
 def main():
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
     return 0
-reshard.run_tool(main)
+cli.run_tool(main)
 """
 
 

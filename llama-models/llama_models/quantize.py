@@ -32,7 +32,7 @@ from .llama3.args import LlamaError, ModelArgs, first_line, model_arguments  # n
 from .llama3.checkpoint import find_checkpoint_files, whole_tensor_shapes  # noqa: E402
 from .llama3.quantize import GROUP_SIZE, STORED_SCHEMES, check_scheme, empty_quantized, listed, quantized  # noqa: E402
 from .llama3.sharding import ShardFiles, release_mapped_pages, same_memory, slice_for_rank, split_dim, without_layer_prefix  # noqa: E402
-from .reshard import OneLineParser, check_destination, new_folder, note_if_instruct_is_dropped, refuse_under_torchrun, run_tool  # noqa: E402
+from .cli import OneLineParser, check_destination, new_folder, note_if_instruct_is_dropped, refuse_under_torchrun, run_tool  # noqa: E402
 
 WEIGHTS_FILE = "consolidated.00.pth"
 
