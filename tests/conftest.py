@@ -43,6 +43,16 @@ def one_attention_kernel(monkeypatch):
 
 
 @pytest.fixture
+def one_linear_kernel(monkeypatch):
+    """F.linear and the int8 and int4 kernels only, one for each kind of weight: two models compared
+    bit for bit must not depend on which candidates the global chooser's trials ran for each."""
+    from llama_models.llama3 import products
+
+    kernels = tuple(kernel for kernel in products.CPU_KERNELS if kernel.name in ("F.linear", "int8 kernel", "int4 kernel"))
+    monkeypatch.setattr(products, "CPU_CHOOSER", products.KernelChooser(kernels))
+
+
+@pytest.fixture
 def fresh_probes():
     """products.py's probes of the built-in kernels forgotten, before and after the test."""
     from llama_models.llama3 import products

@@ -39,7 +39,7 @@ def test_every_candidate_gives_f_linear_result(small_row_blocks, rows, dtype):
 @pytest.mark.parametrize("rows", [1, 4, 40])
 @pytest.mark.parametrize("scheme", ["int8", "int4 looked up", "int4"])
 def test_every_candidate_for_a_quantized_matrix_gives_its_dequantized_product(small_row_blocks, rows, scheme):
-    """Its kernel, and for a prompt the matrix dequantized whole or block by block. An int4 matrix
+    """Its kernel, the matrix dequantized block by block, and for several rows also whole. An int4 matrix
     keeps its codes only where it is looked up too (a tied embedding); else once its kernel has
     packed it, only "float32 blocks" dequantizes it, from that packing, where quantize.py knows its
     layout."""
@@ -52,16 +52,16 @@ def test_every_candidate_for_a_quantized_matrix_gives_its_dequantized_product(sm
     x = torch.randn(rows, 64, generator=generator).to(BF16)
     expected = F.linear(x.double(), weight.dequantize(F32).double())  # before packing lets go of int4's codes
     candidates = [kernel for kernel in products.CPU_KERNELS if kernel.applies(x, weight)]
-    # a prompt: the kernel, "dequantized" whole in bfloat16 and in float32, and "float32 blocks"
+    # the kernel, "float32 blocks", and for several rows "dequantized" whole in bfloat16 and in float32
     whole, blocks = weight.can_dequantize, weight.can_dequantize_rows
-    assert len(candidates) == (1 if rows < 40 else 4 if whole else 2 if blocks else 1)
+    assert len(candidates) == 1 + blocks + 2 * (whole and rows > 1)
     for kernel in candidates + candidates:  # int4: from its codes, then from the packing its kernel made
         y = kernel.compute(x, weight)
         assert y.shape == (rows, 96) and y.dtype == BF16, kernel.name
         assert (y.double() - expected).abs().max().item() <= 2**-7 * expected.abs().max().item(), kernel.name
 
 
-def test_candidates_that_apply_to_each_kind():
+def test_candidates_that_apply_to_each_kind(monkeypatch):
     bf16_matrix, f32_matrix, output_layer = torch.empty(96, 64, dtype=BF16), torch.empty(96, 64), torch.empty(
         4 * products.ROW_BLOCK, 8, dtype=BF16)
 
@@ -69,12 +69,16 @@ def test_candidates_that_apply_to_each_kind():
         x = torch.empty(rows, weight.shape[1], dtype=weight.dtype)
         return {kernel.name for kernel in products.CPU_KERNELS if kernel.applies(x, weight)}
 
-    assert names(1, bf16_matrix) == {"F.linear", "torch.mv", "F.linear, oneDNN off", "torch.mv, oneDNN off"}
-    assert names(4, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 blocks"}
+    assert names(1, bf16_matrix) == {"F.linear", "torch.mv", "F.linear, oneDNN off", "torch.mv, oneDNN off",
+                                     "float32 blocks"}
+    assert names(4, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 copy",
+                                     "float32 blocks"}
     assert names(40, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 copy",
                                       "float32 blocks"}
     assert names(40, f32_matrix) == {"F.linear", "weight @ x.T"}
     assert "row blocks" in names(1, output_layer)
+    monkeypatch.setattr(products, "WHOLE_COPY_BYTES", 96 * 64 * 4 - 1)  # the matrix's float32 copy, less a byte
+    assert names(40, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 blocks"}
 
 
 def test_a_new_kind_of_weight_gets_no_dequantizing_candidate_until_it_says_it_can():
@@ -235,16 +239,20 @@ def test_a_shape_off_the_built_in_kernels_tiles_is_dequantized(fresh_probes):
         assert products._has_built_in_kernel(torch.ones(1, width, dtype=BF16), weight) == fits
 
 
-def test_every_product_of_a_kind_has_the_same_candidates(fresh_choosers, monkeypatch):
-    """Whatever the prompt threshold, 9 and 10 rows are one kind (16): the one that comes second must
-    meet the candidates the first one's trials were recorded for."""
-    monkeypatch.setattr(products, "MIN_ROWS_FOR_FLOAT32_COPY", 10)
-    weight = torch.randn(96, 64, dtype=BF16)
-    for _ in range(products.TRIALS * len(products.CPU_KERNELS)):
-        for rows in (9, 10):
-            products.linear(torch.randn(rows, 64, dtype=BF16), weight)
-    assert "float32 copy" in products.CPU_CHOOSER.times[products.product_kind(9, weight)]
-    assert products.chosen_kernel(9, weight) == products.chosen_kernel(10, weight) != "(still timing)"
+def test_one_row_is_never_multiplied_by_a_whole_converted_copy(fresh_choosers):
+    """A whole float copy of the output layer would hold gigabytes for one use of each weight; in
+    blocks, or for several rows, converting is one more candidate to time."""
+    from llama_models.llama3.quantize import Int8Weight
+
+    matrix = torch.randn(96, 64, dtype=BF16)
+    for weight in (matrix, Int8Weight.from_float(matrix)):
+        for rows in (1, 4):
+            for _ in range(products.TRIALS * len(products.CPU_KERNELS)):
+                products.linear(torch.randn(rows, 64, dtype=BF16), weight)
+        one_row, four_rows = (set(products.CPU_CHOOSER.times[products.product_kind(rows, weight)]) for rows in (1, 4))
+        whole_copies = {"float32 copy"} if weight is matrix else {"dequantized", "dequantized to float32"}
+        assert "float32 blocks" in one_row and not one_row & whole_copies
+        assert whole_copies | {"float32 blocks"} <= four_rows
 
 
 def test_onednn_off_restores_the_setting():

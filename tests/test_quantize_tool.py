@@ -58,8 +58,8 @@ def logits_of(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("shape", ["gqa4", "gqa3"])  # tied output (Llama 3.2) and a separate one
-def test_the_folder_loads_what_quantizing_at_load_gives(tiny_checkpoint, quantized, one_attention_kernel, shape,
-                                                        scheme):
+def test_the_folder_loads_what_quantizing_at_load_gives(tiny_checkpoint, quantized, one_attention_kernel,
+                                                        one_linear_kernel, shape, scheme):
     source = tiny_checkpoint(shape)
     before = folder_snapshot(source)
     folder = quantized(shape, scheme)

@@ -23,24 +23,24 @@ The candidates (`CPU_KERNELS`), each computing (rows, in) x (out, in) -> (rows, 
   columns. Libraries that pack the left operand (oneDNN for bfloat16) stream it differently.
 - "F.linear, oneDNN off" and "torch.mv, oneDNN off" (bfloat16): the same calls with oneDNN, Intel's
   kernel library inside PyTorch, switched off, so that PyTorch's own bfloat16 kernels run.
-- "float32 copy" (bfloat16, 9 rows or more): convert this one matrix to float32 for the duration of
-  the product, then multiply in float32. It pays where the CPU has no bfloat16 arithmetic and
-  converts every element on the fly in every product; it is never a second resident copy.
-- "float32 blocks" (bfloat16 for 2 rows or more; for 9 or more, quantized matrices that can be
-  dequantized): the same in blocks of FLOAT32_BLOCK_BYTES, each block of weight rows
-  converted (or dequantized) into a float32 scratch and multiplied weight-first, so that a block
-  is multiplied while it is still in the CPU's cache. The scratch is small enough that the memory
-  allocator hands the same memory back at every product (glibc keeps blocks under its mmap
-  threshold, at most 32 MiB, in its heap), where a whole float32 copy is fresh pages for the
-  operating system to zero and map each time.
+- "float32 copy" (bfloat16, several rows, matrices of up to WHOLE_COPY_BYTES in float32): convert
+  this one matrix to float32 for the duration of the product, then multiply in float32. It pays
+  where the CPU has no bfloat16 arithmetic and converts every element on the fly for every row; it
+  is never a second resident copy.
+- "float32 blocks" (bfloat16, and quantized matrices that can be dequantized; any rows): the same
+  in blocks of FLOAT32_BLOCK_BYTES, each block of weight rows converted (or dequantized) into a
+  float32 scratch and multiplied weight-first, so that a block is multiplied while it is still in
+  the CPU's cache. The scratch is small enough that the memory allocator hands the same memory
+  back at every product (glibc keeps blocks under its mmap threshold, at most 32 MiB, in its heap),
+  where a whole float32 copy is fresh pages for the operating system to zero and map each time.
 - "row blocks" (matrices of at least 4 x ROW_BLOCK rows, the output layer): the product in blocks
   of ROW_BLOCK weight rows, each written into its slice of the result, for kernels that slow down
   on one very large operand.
 - Quantized weights (quantize.py): "int8 kernel" (torch._weight_int8pack_mm) and "int4 kernel"
-  (torch._weight_int4pack_mm_for_cpu), which convert the small numbers as they multiply, and for
-  9 rows or more "dequantized" and "dequantized to float32" (int8, and an int4 matrix that keeps its
-  codes, which on the CPU only a tied embedding does): the matrix converted back once for the
-  product, which pays where a prompt would repeat the conversion for every row. "float32 blocks"
+  (torch._weight_int4pack_mm_for_cpu), which convert the small numbers as they multiply, and where
+  "float32 copy" applies, "dequantized" and "dequantized to float32" (int8, and an int4 matrix that
+  keeps its codes, which on the CPU only a tied embedding does): the matrix converted back once for
+  the product, which pays where the kernel would repeat the conversion for every row. "float32 blocks"
   also takes an int4 matrix that kept only the kernel's packing, where quantize.py knows its
   layout. A matrix packed for fbgemm (quantize.py's "fp16") has "fbgemm fp16": float32 rows times
   its float16 weights.
@@ -100,11 +100,12 @@ from .quantize import INNER_K_TILES, quantized
 
 # "row blocks": weight rows per block. A block of the Llama 3 output layer (128,256 x dim) is 1/8 of it.
 ROW_BLOCK = 16384
-# Products of fewer rows would spend more on converting the weight to float32 than they could save.
-MIN_ROWS_FOR_FLOAT32_COPY = 9
 # "float32 blocks": one block's float32 scratch, no larger than a CPU's last-level cache (several
 # MiB), so that a block converted is still there when it is multiplied.
 FLOAT32_BLOCK_BYTES = 4 * 2**20
+# "float32 copy", "dequantized": the largest whole float32 copy of a matrix (an 8B feed-forward
+# matrix's is 224 MiB), memory that a run's peak includes while it lasts.
+WHOLE_COPY_BYTES = 256 * 2**20
 TRIALS = 3  # timed products per candidate and kind
 DROP_FACTOR = 2  # a candidate this many times slower than the fastest trial so far is tried no more
 
@@ -235,19 +236,19 @@ def _is_float16(x, weight):
     return weight.dtype == "fp16"
 
 
-def _is_prompt(x, weight):
-    # On the kind's rounded rows, not x's own: every product of a kind must have the same candidates.
-    return power_of_two_at_least(x.shape[0]) >= MIN_ROWS_FOR_FLOAT32_COPY
+def _may_copy_whole(x, weight):
+    # A whole converted copy of the matrix uses each weight more than once only for several rows (a
+    # kind's rows are a power of two, so every product of a kind is on the same side), and is memory
+    # of its own while it lasts: never that of an output layer (1 GiB in float32 for 1B, 2 for 8B).
+    return x.shape[0] > 1 and weight.shape[0] * weight.shape[1] * 4 <= WHOLE_COPY_BYTES
 
 
-def _is_dequantizable_prompt(x, weight):
-    return _is_prompt(x, weight) and not _is_plain(x, weight) and weight.can_dequantize
+def _is_dequantizable_whole(x, weight):
+    return _may_copy_whole(x, weight) and not _is_plain(x, weight) and weight.can_dequantize
 
 
 def _is_float32_block_product(x, weight):
-    if _is_plain(x, weight):
-        return x.shape[0] > 1 and _is_bfloat16(x, weight)
-    return _is_prompt(x, weight) and weight.can_dequantize_rows
+    return _is_bfloat16(x, weight) if _is_plain(x, weight) else weight.can_dequantize_rows
 
 
 # The built-in kernels' tiles: MPS's int8 kernel takes multiples of 32 rows and inputs, tinygemm
@@ -308,16 +309,15 @@ CPU_KERNELS = (
     Kernel("F.linear, oneDNN off", _without_onednn(_f_linear), _is_bfloat16),
     Kernel("torch.mv, oneDNN off", _without_onednn(_matrix_vector),
            lambda x, weight: x.shape[0] == 1 and _is_bfloat16(x, weight)),
-    Kernel("float32 copy", _float32_copy,
-           lambda x, weight: _is_prompt(x, weight) and _is_bfloat16(x, weight)),
+    Kernel("float32 copy", _float32_copy, lambda x, weight: _may_copy_whole(x, weight) and _is_bfloat16(x, weight)),
     Kernel("float32 blocks", _float32_blocks, _is_float32_block_product),
     Kernel("row blocks", _row_blocks,
            lambda x, weight: _is_plain(x, weight) and weight.shape[0] >= 4 * ROW_BLOCK),
     Kernel("int8 kernel", _int8_kernel, _is_int8),
     Kernel("int4 kernel", _int4_kernel, _is_int4),
     Kernel("fbgemm fp16", _fbgemm_float16, _is_float16),
-    Kernel("dequantized", _dequantized, _is_dequantizable_prompt),
-    Kernel("dequantized to float32", _dequantized_float32, _is_dequantizable_prompt),
+    Kernel("dequantized", _dequantized, _is_dequantizable_whole),
+    Kernel("dequantized to float32", _dequantized_float32, _is_dequantizable_whole),
 )
 
 
