@@ -469,7 +469,13 @@ def prefill(model, prompt_tokens: list, cached: int = 0) -> torch.Tensor:
     return logits
 
 
-def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose, cached: int = 0):
+def decode_one_token(model, tokens: torch.Tensor, position: int) -> torch.Tensor:
+    """One decode step: each sequence's newest token, tokens (batch, 1), goes in at `position` and
+    attends to the KV cache before it; returns the scores for the token after it.   # (batch, vocab)"""
+    return model(tokens, start_pos=position)[:, -1]
+
+
+def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, choose, cached: int):
     """The generation loop of greedy decoding and sampling; `choose(logits)` picks the next token.
 
     Yields (token, probability) pairs and stops before a stop token, or after max_new_tokens.
@@ -482,7 +488,7 @@ def decode_loop(model, prompt_tokens: list, max_new_tokens: int, stop_tokens, ch
             return
         yield token, probability
         if step + 1 < max_new_tokens:  # one more token is wanted: run the model on this one
-            logits = model(prompt_tensor(model, [token]), start_pos=position)[0, -1]  # (vocab,)
+            logits = decode_one_token(model, prompt_tensor(model, [token]), position)[0]  # (vocab,)
             position += 1
 
 
@@ -618,7 +624,7 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
         beam_tokens = [beam_tokens[parent] + [token] for parent, token, _ in survivors]
         beam_scores = torch.tensor([total for _, _, total in survivors], device=logits.device)
         next_tokens = torch.tensor([[token] for _, token, _ in survivors], device=logits.device)  # (beams, 1)
-        logits = model(next_tokens, start_pos=cached)[:, -1]  # (beams, vocab)
+        logits = decode_one_token(model, next_tokens, cached)  # (beams, vocab)
 
     return [(tokens, score) for score, tokens in finished]
 
@@ -669,6 +675,13 @@ class Conversation:
 
     def reset(self) -> None:
         self.exchanges = []
+        self.keep_only_the_start_cached()
+
+    def drop_oldest_exchange(self) -> None:
+        self.exchanges.pop(0)
+        self.keep_only_the_start_cached()  # every later token moved to an earlier position
+
+    def keep_only_the_start_cached(self) -> None:
         self.cached = min(self.cached, len(self.start))  # the start is the same: its cache still holds
 
 
@@ -703,49 +716,54 @@ def read_lines():
         lines.append(line[:-1])
 
 
-def fit_into_context(conversation: Conversation, user: list, answer_room: int, context: int) -> int:
-    """Drop the oldest exchanges until the dialog plus `user` plus an answer fits; return how many.
-    The cache then holds only the start (an earlier token moved to a new position)."""
-    dropped = 0
-    while conversation.exchanges and len(conversation.tokens()) + len(user) + answer_room > context:
-        conversation.exchanges.pop(0)
-        dropped += 1
-    if dropped:
-        conversation.cached = min(conversation.cached, len(conversation.start))
-    return dropped
-
-
-def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str, is_main: bool, turn: int) -> None:
-    """Answer one user message, prefilling only what the cache does not hold, and print a status line."""
-    chat_format, context = ChatFormat(tokenizer), model.args.max_seq_len
-    user = chat_format.encode_message({"role": "user", "content": text}) + chat_format.encode_header("assistant")
+def make_room(conversation: Conversation, user: list, context: int, is_main: bool) -> bool:
+    """Make the dialog, the user's message and an answer of MAX_NEW_TOKENS fit the context, dropping
+    the oldest exchanges and saying so; False (and why) where the message cannot fit even alone."""
     if len(conversation.start) + len(user) + MAX_NEW_TOKENS > context:
         if is_main:
             beside = "the system prompt and " if SYSTEM_PROMPT else ""
             print(f"(that message is {len(user)} tokens: with {beside}room for an answer of "
                   f"MAX_NEW_TOKENS = {MAX_NEW_TOKENS} it does not fit the chat's {context} tokens (CHAT_CONTEXT); "
                   "send a shorter one)")
-        return
-    dropped = fit_into_context(conversation, user, MAX_NEW_TOKENS, context)
+        return False
+    dropped = 0
+    while conversation.exchanges and len(conversation.tokens()) + len(user) + MAX_NEW_TOKENS > context:
+        conversation.drop_oldest_exchange()
+        dropped += 1
     if dropped and is_main:
         print(f"(the dialog outgrew the chat's {context} tokens (CHAT_CONTEXT): dropped the {dropped} oldest "
               f"exchange{'s' if dropped > 1 else ''} and prefilled the rest again)")
-    prompt, reused = conversation.tokens() + user, conversation.cached
-    # A new seed each turn (the same in every process), else each answer would draw the same numbers.
-    steps = decode_steps(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, seed=SEED + turn, cached=reused)
-    streamed, started = Streamed(), time.perf_counter()
-    answer = streamed.tokens
+    return True
+
+
+def stream_answer(model, steps, tokenizer: Tokenizer, is_main: bool) -> "Streamed":  # chapter 8
+    """Print the answer as it comes (rank 0); Ctrl-C stops it and keeps what came so far."""
+    streamed = Streamed()
     try:
         if is_main:
             with alternatives_shown(model) as alternatives:
                 stream_tokens(steps, tokenizer, SHOW_TOKENS, streamed, alternatives)
         else:
-            answer.extend(token for token, _ in steps)
+            streamed.tokens.extend(token for token, _ in steps)
     except KeyboardInterrupt:
         if dist.get_world_size() > 1:  # the other processes are in the middle of the same step: end all
             raise
         print("\n(stopped)")
-    finished = time.perf_counter()
+    return streamed
+
+
+def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str, is_main: bool, turn: int) -> None:
+    """Answer one user message, prefilling only what the cache does not hold, and print a status line."""
+    chat_format = ChatFormat(tokenizer)
+    user = chat_format.encode_message({"role": "user", "content": text}) + chat_format.encode_header("assistant")
+    if not make_room(conversation, user, model.args.max_seq_len, is_main):
+        return
+    prompt, reused = conversation.tokens() + user, conversation.cached
+    # A new seed each turn (the same in every process), else each answer would draw the same numbers.
+    steps = decode_steps(model, prompt, MAX_NEW_TOKENS, tokenizer.stop_tokens, seed=SEED + turn, cached=reused)
+    started = time.perf_counter()
+    streamed = stream_answer(model, steps, tokenizer, is_main)
+    finished, answer = time.perf_counter(), streamed.tokens
     conversation.exchanges.append(user + answer + [tokenizer.eot_id])  # the answer closed as a finished turn
     # Every answer token but the last was fed to the model (the last one maybe not: the answer may have
     # ended at MAX_NEW_TOKENS, or been stopped); the next turn prefills from there. No answer: the prefill
