@@ -575,9 +575,9 @@ def reorder_kv_cache(model, parent_rows: torch.Tensor, length: int) -> None:
     """Row b of every layer's cache becomes a copy of row parent_rows[b] (first `length` positions)."""
     # Only rows whose parent is another row change, so only those are copied: copying every row
     # would move the whole cache, every beam's every position, at every step.
-    rows = torch.arange(len(parent_rows), device=parent_rows.device)
-    moved = rows[parent_rows != rows]
-    sources = parent_rows[moved]
+    rows = torch.arange(len(parent_rows), device=parent_rows.device)  # (beams,)
+    moved = rows[parent_rows != rows]  # (changed rows,): the rows that take another row's cache
+    sources = parent_rows[moved]  # (changed rows,): the row each copies
     for layer in model.layers:
         for cache in (layer.attention.cache_k, layer.attention.cache_v):
             filled = cache[:, :, :length]  # (max_batch_size, kv_heads, length, head_dim)
@@ -604,8 +604,8 @@ def beam_search(model, prompt_tokens: list, beam_width: int, max_new_tokens: int
     for length in range(1, max_new_tokens + 1):
         log_probs = F.log_softmax(logits, dim=-1)  # (beams, vocab)
         totals = (beam_scores[:, None] + log_probs).flatten()  # (beams * vocab,)
-        top_totals, top_index = totals.topk(min(n_candidates, totals.numel()))
-        parents, tokens = top_index // vocab_size, top_index % vocab_size
+        top_totals, top_index = totals.topk(min(n_candidates, totals.numel()))  # (candidates,), best first
+        parents, tokens = top_index // vocab_size, top_index % vocab_size  # (candidates,): which beam, which token
 
         survivors = []  # (parent beam, token, total) of the beams that go on
         for rank, (parent, token, total) in enumerate(zip(parents.tolist(), tokens.tolist(), top_totals.tolist())):
@@ -1154,13 +1154,14 @@ def last_layer_attention(model, prompt_tokens: list) -> torch.Tensor:
         model.hidden_states(prompt_tensor(model, prompt_tokens), start_pos=0)
     finally:
         handle.remove()
-    x, seq, head_dim = captured["x"], len(prompt_tokens), attention.head_dim
+    x, seq, head_dim = captured["x"], len(prompt_tokens), attention.head_dim  # x: (1, seq, dim), normed
+    cos, sin, mask = captured["cos"], captured["sin"], captured["mask"]  # (seq, head_dim/2) each; (seq, seq) bool
     with torch.inference_mode():
-        q = apply_rope(attention.wq(x).view(1, seq, attention.n_local_heads, head_dim), captured["cos"], captured["sin"])
-        k = apply_rope(attention.wk(x).view(1, seq, attention.n_local_kv_heads, head_dim), captured["cos"], captured["sin"])
-        k = k.repeat_interleave(attention.n_rep, dim=2)  # each kv head serves n_rep query heads
-        scores = torch.einsum("qhd,khd->hqk", q[0].float(), k[0].float()) / math.sqrt(head_dim)
-        return torch.softmax(scores.masked_fill(~captured["mask"], float("-inf")), dim=-1)
+        q = apply_rope(attention.wq(x).view(1, seq, attention.n_local_heads, head_dim), cos, sin)  # (1, seq, heads, head_dim)
+        k = apply_rope(attention.wk(x).view(1, seq, attention.n_local_kv_heads, head_dim), cos, sin)
+        k = k.repeat_interleave(attention.n_rep, dim=2)  # (1, seq, heads, head_dim): each kv head serves n_rep
+        scores = torch.einsum("qhd,khd->hqk", q[0].float(), k[0].float()) / math.sqrt(head_dim)  # (heads, seq, seq)
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 
 def save_attention_png(attention: torch.Tensor, tokenizer: Tokenizer, prompt: list, path: str) -> None:
