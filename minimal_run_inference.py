@@ -61,7 +61,7 @@ def main():
     tokenizer = load_tokenizer(files.tokenizer, params)  # a Tokenizer, checked against params.json
     if not isinstance(INPUT_STRING, str) or not INPUT_STRING.strip():
         raise LlamaError(f"INPUT_STRING = {INPUT_STRING!r}: write a prompt in quotes")
-    if "instruct" in files.model_name.lower():
+    if files.named_instruct:
         prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": INPUT_STRING}])
     else:
         prompt = tokenizer.encode(INPUT_STRING, bos=True, eos=False)

@@ -65,6 +65,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
     from llama_models.llama3.args import is_finite_number, is_whole_number
     from llama_models.llama3.bandwidth import memory_read_bandwidth, synchronize
     from llama_models.llama3.checkpoint import (
+        CheckpointFiles,
         build_model,
         check_quantize_request,
         end_model_parallel,
@@ -258,8 +259,8 @@ def checkpoint_folder() -> Path:
     return folder
 
 
-def is_instruct(model_name: str) -> bool:
-    return IS_INSTRUCT if IS_INSTRUCT is not None else "instruct" in model_name.lower()
+def is_instruct(files: CheckpointFiles) -> bool:
+    return IS_INSTRUCT if IS_INSTRUCT is not None else files.named_instruct
 
 
 # ================================================================================================
@@ -775,12 +776,12 @@ def chat_turn(model, tokenizer: Tokenizer, conversation: Conversation, text: str
               f"{finished - started:.1f} s" + (f", decode {rate:.1f} tokens/s" if rate else "") + "]\n")
 
 
-def check_chat(model_name: str) -> None:
+def check_chat(files: CheckpointFiles) -> None:
     if IS_INSTRUCT is False:
         raise LlamaError("CHAT = True needs an instruct model, and IS_INSTRUCT = False says this is not one: "
                          "set IS_INSTRUCT = None (or True) with an Instruct checkpoint")
-    if not is_instruct(model_name):
-        raise LlamaError(f"CHAT = True needs an instruct model, and {model_name} has no 'Instruct' in its name: "
+    if not is_instruct(files):
+        raise LlamaError(f"CHAT = True needs an instruct model, and {files.model_name} has no 'Instruct' in its name: "
                          "use an Instruct checkpoint, or set IS_INSTRUCT = True if it is one")
     if DECODING == "beam":
         raise LlamaError("DECODING = 'beam' does not chat (each turn would need its beams' caches kept): "
@@ -1346,14 +1347,14 @@ def run() -> None:
     check_quantize_request(QUANTIZE, params, files.folder)
 
     if is_main:
-        for note in unused_settings(is_instruct(files.model_name), params.trained_context):
+        for note in unused_settings(is_instruct(files), params.trained_context):
             print(f"note: {note}")
     tokenizer = load_tokenizer(files.tokenizer, params)  # 4. tokenize the prompt
     if CHAT:  # the prompts come later, one per turn
-        check_chat(files.model_name)
+        check_chat(files)
         prompt, args = None, dataclasses.replace(params, max_seq_len=chat_context(params), max_batch_size=1)
     else:
-        prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(files.model_name))
+        prompt = encode_prompt(tokenizer, INPUT_STRING, is_instruct(files))
         if is_main and SHOW_PROMPT_TOKENS:
             show_tokenizer_file(files.tokenizer)
             show_prompt_tokens(tokenizer, prompt)

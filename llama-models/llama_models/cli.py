@@ -117,7 +117,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def note_if_instruct_is_dropped(src: Path, dst: Path, suffix: str) -> None:
     """run_inference.py picks the chat format by the folder's name: say so where a copy's name loses it."""
-    source_name = find_checkpoint_files(src).model_name
-    if "instruct" in source_name.lower() and "instruct" not in dst.name.lower():
+    source = find_checkpoint_files(src)
+    source_name = source.model_name
+    if source.named_instruct and "instruct" not in dst.name.lower():
         print(f"note: run_inference.py uses the chat format when a folder's name says Instruct, and {dst.name} "
               f"does not: rename it (e.g. {source_name.split('-mp')[0]}-{suffix}) or set IS_INSTRUCT = True")

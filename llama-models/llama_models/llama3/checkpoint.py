@@ -253,6 +253,11 @@ class CheckpointFiles:
         """The folder's name ("Llama3.2-1B-Instruct"), or for Hugging Face's layout its parent's."""
         return self.folder.parent.name if self.folder.name == HF_SUBFOLDER else self.folder.name
 
+    @property
+    def named_instruct(self) -> bool:
+        """Whether the name says it is an instruct model, which the scripts prompt in the chat format."""
+        return "instruct" in self.model_name.lower()
+
 
 # Hugging Face's copy of a Meta checkpoint keeps Meta's files in a subfolder:
 # hf download meta-llama/Llama-3.2-1B-Instruct --include "original/*" --local-dir Llama-3.2-1B-Instruct
