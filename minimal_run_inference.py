@@ -19,7 +19,8 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Transformer
     from llama_models.llama3.args import is_whole_number
     from llama_models.llama3.checkpoint import (convert_one_by_one, find_checkpoint_files, load_tokenizer,
-                                                match_checkpoint_to_model, resolve_device)
+                                                match_checkpoint_to_model)
+    from llama_models.llama3.devices import resolve_device
     from llama_models.llama3.quantize import pack_for_cpu
     from llama_models.llama3.sharding import read_shard
 except ImportError as error:

@@ -63,22 +63,12 @@ import torch.nn.functional as F  # noqa: E402
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, products
     from llama_models.llama3.args import is_finite_number, is_whole_number
-    from llama_models.llama3.bandwidth import memory_read_bandwidth, synchronize
-    from llama_models.llama3.checkpoint import (
-        CheckpointFiles,
-        build_model,
-        check_quantize_request,
-        end_model_parallel,
-        find_checkpoint_files,
-        init_model_parallel,
-        is_main_process,
-        load_tokenizer,
-        load_weights,
-        quantize_loaded,
-        resolve_device,
-        resolve_dtype,
-    )
+    from llama_models.llama3.bandwidth import memory_read_bandwidth
+    from llama_models.llama3.checkpoint import (CheckpointFiles, build_model, check_quantize_request,
+                                                find_checkpoint_files, load_tokenizer, load_weights, quantize_loaded)
+    from llama_models.llama3.devices import resolve_device, resolve_dtype, synchronize
     from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
+    from llama_models.llama3.parallel import end_model_parallel, init_model_parallel, is_main_process
     from llama_models.llama3.quantize import SCHEMES, QuantizedWeight, listed
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "

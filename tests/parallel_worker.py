@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llama_models.llama3 import load_llama
-from llama_models.llama3.checkpoint import broadcast_tokens, end_model_parallel, is_main_process
+from llama_models.llama3.parallel import broadcast_tokens, end_model_parallel, is_main_process
 
 PROMPT = [5, 17, 99, 300, 42, 7]
 N_NEW_TOKENS = 5

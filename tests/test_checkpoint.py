@@ -14,7 +14,8 @@ import torch
 from checkpoints import TINY_SHAPES, folder_snapshot, mapped_file_rss_bytes, memory_mapped_ranges, write_checkpoint
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
-from llama_models.llama3.checkpoint import check_torchrun_environment, find_checkpoint_files
+from llama_models.llama3.checkpoint import find_checkpoint_files
+from llama_models.llama3.parallel import check_torchrun_environment
 from llama_models.llama3.sharding import release_mapped_pages
 from tokenizer_files import write_byte_level_tokenizer
 
@@ -366,10 +367,12 @@ def status_bytes(field):  # VmRSS: resident now; VmHWM: the peak of this program
 # Warm up on a tiny checkpoint first: torch.distributed, gloo and the matmul libraries take ~25 MB the
 # first time they run, whatever the model's size.
 tiny, _ = load_llama(sys.argv[2], max_seq_len=64, dtype=sys.argv[3])
-tiny(torch.tensor([[1, 2, 3]]), start_pos=0)
+tiny(torch.tensor([[1]]), start_pos=0)
 before = status_bytes("VmRSS")
 model, _ = load_llama(sys.argv[1], max_seq_len=64, dtype=sys.argv[3])
-model(torch.tensor([[1, 2, 3]]), start_pos=0)  # reads every weight page once
+# Reads every weight page once. One token: a product of several rows may try a whole float32 copy of
+# a matrix (products.py), memory of the kernels' own, not of loading.
+model(torch.tensor([[1]]), start_pos=0)
 print(status_bytes("VmHWM") - before)
 """
 

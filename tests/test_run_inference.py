@@ -633,9 +633,9 @@ def test_command_line_arguments_point_to_the_settings():
 def test_an_interrupt_exits_with_code_130(tiny_checkpoint, script):
     """Ctrl-C raises KeyboardInterrupt wherever the script is: here where it picks the device. The
     script runs as a user runs it (as __main__) and ends without a traceback."""
-    code = ("import runpy\nimport llama_models.llama3.checkpoint as checkpoint\n"
+    code = ("import runpy\nimport llama_models.llama3.devices as devices\n"
             "def interrupted(*args):\n    raise KeyboardInterrupt\n"
-            f"checkpoint.resolve_device = interrupted\nrunpy.run_path({script!r}, run_name='__main__')")
+            f"devices.resolve_device = interrupted\nrunpy.run_path({script!r}, run_name='__main__')")
     finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
     assert finished.returncode == 130, finished.stderr
     assert finished.stderr.strip() == "interrupted"

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from .devices import synchronize
+
 GIB = 2**30
 REPEATS = 5  # of each reduction
 
@@ -24,15 +26,6 @@ def memory_read_bandwidth(size_bytes: int = GIB, device: torch.device | str = "c
     reductions = (buffer.sum, buffer.amax, buffer.view(torch.int32).amax)
     best = min(_fastest(reduction, device) for reduction in reductions)
     return buffer.nbytes / best
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait until the device has finished its queued work: GPUs run kernels after the call returns.
-    (The CPU runs each before the call returns: nothing to wait for.)"""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _fastest(function, device: torch.device) -> float:

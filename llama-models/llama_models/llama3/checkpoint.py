@@ -20,9 +20,6 @@ The steps are small public functions so the scripts can show them one by one; `l
 in order. Nothing here writes to the checkpoint folder.
 """
 
-import atexit
-import contextlib
-import io
 import math
 import os
 import re
@@ -31,206 +28,17 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-import torch.distributed as dist
-from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError, ModelArgs
+from .devices import resolve_device, resolve_dtype
 from .model import Transformer
+from .parallel import every_process_or_none, init_model_parallel, model_parallel_rank_and_size
 from .quantize import pack_for_cpu, quantize as quantize_weights
 from .sharding import (QUANTIZED_PART_SPLIT, ShardFiles, args_for_model_parallel, check_world_size, first_shard_of,
                        local_state_dict, release_mapped_pages, same_memory)
 from .tokenizer import Tokenizer
 
-DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 QUANTIZED_PART_NAMES = tuple(f".{part}" for part in QUANTIZED_PART_SPLIT)  # of a quantize tool's matrices
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-# ------------------------------------------------------------------------------------------------
-# Device and dtype
-# ------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: Union[str, torch.device]) -> torch.device:
-    """"auto" -> cuda, else mps, else cpu. Any other name must be available here."""
-    if not isinstance(name, (str, torch.device)):  # torch.device(1) would mean cuda:1
-        raise LlamaError(f"unknown device {name!r}: use one of {', '.join(DEVICE_NAMES)} in quotes (or 'cuda:N')")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise LlamaError(f"unknown device {name!r}: use one of {', '.join(DEVICE_NAMES)} (or cuda:N)") from None
-    if device.type not in DEVICE_NAMES:
-        raise LlamaError(f"device {name!r} is not supported: use one of {', '.join(DEVICE_NAMES)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LlamaError(f"device {name!r} is not available: this torch build or machine has no CUDA; use 'cpu' or 'auto'")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LlamaError(f"device {name!r} is not available: MPS needs an Apple-silicon Mac; use 'cpu' or 'auto'")
-    return device
-
-
-def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
-    """The weights' dtype: as asked, or (None) bfloat16 where the device supports it.
-
-    Decoding reads every weight once per token: bfloat16 (the checkpoint's own dtype, 2 bytes) has
-    half float32's bytes to read, so it can decode up to twice as fast where memory sets the pace
-    (where the CPU converts each bfloat16 weight as it multiplies, less), and it needs half the
-    memory (8B: 16 GB instead of 32 GB). It also loads with no conversion (README, "Speed and memory,
-    measured", has both dtypes' figures). GPUs without bfloat16 (before NVIDIA Ampere, Macs before
-    macOS 14) get float16.
-    """
-    if dtype is None:
-        return torch.bfloat16 if _supports_bfloat16(device) else torch.float16
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:  # float8 holds no weights
-        return dtype
-    if not isinstance(dtype, str) or dtype not in DTYPES:  # torch.int8 too: weights are floating-point numbers
-        raise LlamaError(f"unknown dtype {dtype!r}: use None or one of {', '.join(repr(name) for name in DTYPES)}")
-    return DTYPES[dtype]
-
-
-def _supports_bfloat16(device: torch.device) -> bool:
-    if device.type == "cuda":  # before Ampere, bfloat16 is emulated: float16 is the GPU's own half precision
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "mps":
-        try:
-            torch.ones(1, dtype=torch.bfloat16, device=device)
-        except (RuntimeError, TypeError):  # "MPS BFloat16 is only supported on MacOS 14 or newer"
-            return False
-    return True
-
-
-# ------------------------------------------------------------------------------------------------
-# torch.distributed and fairscale
-# ------------------------------------------------------------------------------------------------
-
-
-def init_model_parallel(device: torch.device) -> torch.device:
-    """Start torch.distributed and fairscale's model parallelism, unless someone already has.
-
-    fairscale's layers ask "which process am I, and how many share the model?" even when the answer
-    is "one of one", so a process group must exist. `torchrun` sets RANK, WORLD_SIZE, MASTER_ADDR
-    and MASTER_PORT and we join its group; a plain `python script.py` gets a group of one, whose
-    rendezvous is an in-memory store (no network port). NCCL talks between CUDA GPUs; gloo works
-    everywhere else.
-
-    Returns the device this process computes on: "cuda" becomes the GPU numbered by torchrun's
-    LOCAL_RANK, so that the processes on one machine use one GPU each.
-    """
-    check_torchrun_environment()
-    device = _device_for_this_process(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL communicates from the current GPU
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        atexit.register(end_model_parallel)  # we opened it, so we close it, even if the caller does not
-    if not fairscale_parallel.model_parallel_is_initialized():
-        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
-            fairscale_parallel.initialize_model_parallel(dist.get_world_size())
-    return device
-
-
-def check_torchrun_environment() -> None:
-    """torchrun's variables, where one is set: RANK, WORLD_SIZE and LOCAL_RANK are process numbers,
-    and RANK comes with the rest of what torch.distributed reads."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        value = os.environ.get(name, "0")
-        if not (value.isascii() and value.isdigit()):
-            raise LlamaError(f"the environment variable {name}={value!r} is not a process number: torchrun sets "
-                             "it; unset it to run one process (or start the script with torchrun)")
-    missing = [name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if "RANK" in os.environ and missing:
-        raise LlamaError(f"the environment variable RANK is set but not {' and '.join(missing)}: torchrun sets them "
-                         "all; unset RANK to run one process (or start the script with torchrun)")
-
-
-def _device_for_this_process(device: torch.device) -> torch.device:
-    """Under torchrun, "cuda" means the GPU numbered by this process's LOCAL_RANK."""
-    n_processes = int(os.environ.get("WORLD_SIZE", 1))
-    if n_processes > 1 and device.type == "mps":
-        raise LlamaError("several processes cannot share an MPS device (gloo cannot send MPS tensors): use 'cpu'")
-    if device.type != "cuda":
-        return device
-    if device.index is not None and n_processes > 1:
-        raise LlamaError(f"device {str(device)!r} would put every process on one GPU: under torchrun use 'cuda'")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.index is None and local_rank >= torch.cuda.device_count():
-        raise LlamaError(
-            f"process {local_rank} on this machine needs GPU {local_rank}, but there are "
-            f"{torch.cuda.device_count()}: start at most that many processes per machine"
-        )
-    return device if device.index is not None else torch.device("cuda", local_rank)
-
-
-def end_model_parallel() -> None:
-    """Close torch.distributed at the end of a run, in every process.
-
-    A process that exits with its group still open can abort ("terminate called without an active
-    exception") while the other processes are closing their connections to it, and torchrun then
-    reports the run as failed: 7 of 12 two-process gloo runs did so in one trial (a 2-core AMD
-    EPYC), none after this call.
-    `init_model_parallel` registers this to run at exit when it opened the group, so a program need
-    not call it; calling it earlier frees the group sooner, and a second call does nothing.
-    Models built before cannot run afterwards: fairscale's layers look up the group at every call.
-    """
-    if fairscale_parallel.model_parallel_is_initialized():
-        fairscale_parallel.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def model_parallel_rank_and_size() -> tuple[int, int]:
-    return fairscale_parallel.get_model_parallel_rank(), fairscale_parallel.get_model_parallel_world_size()
-
-
-def is_main_process() -> bool:
-    """True in the one process that should print: rank 0 under torchrun, or a process on its own."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-@contextlib.contextmanager
-def every_process_or_none(what: str):
-    """Run a step that only some processes may fail (each reads its own shard), and then let every
-    process know whether all succeeded: where one fails, the others stop with one line naming
-    `what`, instead of a traceback about a closed connection at their next collective operation."""
-    try:
-        yield
-    except Exception:
-        with contextlib.suppress(RuntimeError):  # the others may be gone: this process's own error is what matters
-            _all_processes_succeeded(False)
-        raise
-    if not _all_processes_succeeded(True):
-        raise LlamaError(f"another process could not {what} (its own line says why)")
-
-
-def _all_processes_succeeded(succeeded: bool) -> bool:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return succeeded
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([int(succeeded)], device=on)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Overwrite `tokens` in every process with rank 0's values, and return it.
-
-    All processes must feed the model the same tokens, or their slices stop fitting together. The
-    output layer gathers the same logits, bit for bit, in every process, so greedy decoding picks
-    the same token everywhere, and so does sampling with a generator seeded alike in every process:
-    run_inference.py needs no broadcast. This is for code of your own that chooses tokens another
-    way (a random seed per process, input read by one process). With NCCL, `tokens` must be on the
-    process's GPU.
-    """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(tokens, src=0)
-    return tokens
 
 
 # ------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .bandwidth import synchronize
+from .devices import synchronize
 from .quantize import INNER_K_TILES, quantized
 
 # "row blocks": weight rows per block. A block of the Llama 3 output layer (128,256 x dim) is 1/8 of it.
