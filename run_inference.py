@@ -155,8 +155,8 @@ def check_settings() -> None:
         check_attention_png(Path(ATTENTION_PNG).expanduser())
 
 
-def check_range(name: str, value, low, high) -> None:  # None: no bound on that side
-    if (low is not None and value < low) or (high is not None and value > high):
+def check_range(name: str, value, low, high) -> None:  # high None: no upper bound
+    if value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise LlamaError(f"{name} = {value}: it must be {bounds}")
 
@@ -904,9 +904,8 @@ def print_logit_lens(rows: list, tokenizer: Tokenizer) -> None:
 
 # Memory: where the bytes go. The weights are the bulk; the KV cache is 2 (keys and values) x layers
 # x max_batch_size x max_seq_len x kv heads x head_dim x bytes per number, all of it allocated when
-# the model is built. The scripts this project grew from sized it with Meta's defaults, 32 sequences
-# of 2048 positions in float32 (1B: 4 GiB, 8B: 16 GiB), whether or not they were used: on MPS or CUDA
-# a GPU buffer, resident from the start; on the CPU pageable zeros that the OS can compress or page out.
+# the model is built (chapter 5 sizes it for the prompt and the answer): on MPS or CUDA a GPU buffer,
+# resident from the start; on the CPU pageable zeros that the OS can compress or page out.
 
 
 def weight_part(name: str) -> str:
@@ -1192,7 +1191,7 @@ def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> Non
 # ================================================================================================
 
 
-def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer, text_width: int = 0) -> None:
+def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer, text_width: int) -> None:
     print(f"{step:>5}  {token:>6}  {probability:>8.2%}  {padded(token_text(tokenizer, token), text_width)}", end="")
 
 

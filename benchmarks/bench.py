@@ -288,14 +288,10 @@ def meminfo_bytes(field: str) -> int:
     raise KeyError(field)
 
 
-def element_bytes(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8
-
-
 def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_len: float, batch: int = 1) -> float:
     """Bytes one decode step must read: every weight matrix once (shared by the whole batch), one row
     of the embedding table per sequence, and each sequence's keys and values so far."""
-    element = element_bytes(dtype)
+    element = dtype.itemsize
     shapes = meta_tensor_shapes(args)
     weights = sum(math.prod(s) for name, s in shapes.items() if name != "tok_embeddings.weight")
     embedding_rows = batch * args.dim
@@ -305,7 +301,7 @@ def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_len: float, batch: i
 
 def ideal_memory_bytes(args: ModelArgs, dtype: torch.dtype, prompt_tokens: int, new_tokens: int) -> int:
     """Weights in `dtype` plus the KV cache both sides hold: BEAM_WIDTH sequences of prompt + answer."""
-    element = element_bytes(dtype)
+    element = dtype.itemsize
     weights = sum(math.prod(s) for s in meta_tensor_shapes(args).values())
     kv_cache = BEAM_WIDTH * (prompt_tokens + new_tokens) * args.n_layers * 2 * args.n_kv_heads * args.head_dim
     return (weights + kv_cache) * element
