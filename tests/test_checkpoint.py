@@ -15,7 +15,7 @@ from checkpoints import TINY_SHAPES, folder_snapshot, mapped_file_rss_bytes, mem
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
 from llama_models.llama3.checkpoint import find_checkpoint_files
-from llama_models.llama3.parallel import check_torchrun_environment
+from llama_models.llama3.parallel import check_process_numbers, check_rendezvous_variables
 from llama_models.llama3.sharding import release_mapped_pages
 from tokenizer_files import write_byte_level_tokenizer
 
@@ -463,16 +463,31 @@ def test_model_is_built_without_memory_for_its_weights(monkeypatch):
     assert model.tok_embeddings.vocab_start_index == 256  # process 1 owns the second half of the vocabulary
 
 
-@pytest.mark.parametrize("variables, culprit", [
-    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a process number"),
-    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is not a process number"),
-    ({"RANK": "0", "WORLD_SIZE": "1"}, "RANK is set but not MASTER_ADDR and MASTER_PORT: torchrun sets them all"),
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("variables, check, culprit", [
+    ({"WORLD_SIZE": "two"}, check_process_numbers, "WORLD_SIZE='two' is not a process number"),
+    ({"LOCAL_RANK": "-1"}, check_process_numbers, "LOCAL_RANK='-1' is not a process number"),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, check_rendezvous_variables,
+     "RANK is set but not MASTER_ADDR and MASTER_PORT: torchrun sets them all"),
 ])
-def test_a_torchrun_environment_that_torch_distributed_cannot_start_from_is_named(variables, culprit, monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+def test_a_torchrun_environment_that_torch_distributed_cannot_start_from_is_named(variables, check, culprit,
+                                                                                  monkeypatch):
+    for name in TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    check_torchrun_environment()  # outside torchrun: nothing to check
+    check_process_numbers()  # outside torchrun: nothing to check
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(LlamaError, match=re.escape(culprit)):
-        check_torchrun_environment()
+        check()
+
+
+def test_a_group_the_caller_started_is_joined_whatever_rank_says(tiny_checkpoint, monkeypatch):
+    """torch.distributed started by the caller (here: ours, a group of one) needs no MASTER_ADDR."""
+    load_llama(tiny_checkpoint("gqa1"), max_seq_len=8)  # starts the group, unless a test before did
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    model, _ = load_llama(tiny_checkpoint("gqa1"), max_seq_len=8)
+    assert model(torch.tensor([[1, 2]]), start_pos=0).isfinite().all()

@@ -81,6 +81,22 @@ def test_candidates_that_apply_to_each_kind(monkeypatch):
     assert names(40, bf16_matrix) == {"F.linear", "weight @ x.T", "F.linear, oneDNN off", "float32 blocks"}
 
 
+def test_every_product_of_a_kind_has_the_same_candidates():
+    """The trials of a kind are recorded for the candidates its first product met: every later product
+    of the kind (other rows rounding to the same power of two) must meet the same ones."""
+    from llama_models.llama3.quantize import Int4Weight, Int8Weight
+
+    matrix = torch.randn(96, 64, dtype=BF16)
+    weights = [matrix, matrix.float(), Int8Weight.from_float(matrix), Int4Weight.from_float(matrix),
+               Int4Weight.from_float(matrix, looked_up=True)]
+    for weight in weights:
+        candidates = {}  # kind -> candidate names
+        for rows in range(1, 70):
+            x = torch.empty(rows, 64, dtype=BF16 if weight is not weights[1] else F32)
+            names = {kernel.name for kernel in products.CPU_KERNELS if kernel.applies(x, weight)}
+            assert candidates.setdefault(products.product_kind(rows, weight), names) == names, rows
+
+
 def test_a_new_kind_of_weight_gets_no_dequantizing_candidate_until_it_says_it_can():
     """A QuantizedWeight subclass that implements no `rows` must never meet "dequantized" or "float32
     blocks", which would call it: the safe default is the base class's."""

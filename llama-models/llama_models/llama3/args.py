@@ -209,9 +209,9 @@ class ModelArgs:
         return 131072 if self.use_scaled_rope else UNSCALED_CONTEXT
 
 
+UNSCALED_CONTEXT = 8192  # Llama 3's context, which Llama 3.1's RoPE scaling extends (model.py)
 # The sizes every params.json of Meta's gives; without them the defaults above (8B's) would be
 # taken, and the weights blamed for not matching.
-UNSCALED_CONTEXT = 8192  # Llama 3's context, which Llama 3.1's RoPE scaling extends (model.py)
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads")
 WHOLE_NUMBER_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
 NUMBER_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta")

@@ -28,13 +28,14 @@ def init_model_parallel(device: torch.device) -> torch.device:
     Returns the device this process computes on: "cuda" becomes the GPU numbered by torchrun's
     LOCAL_RANK, so that the processes on one machine use one GPU each.
     """
-    check_torchrun_environment()
+    check_process_numbers()
     device = _device_for_this_process(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL communicates from the current GPU
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:
+            check_rendezvous_variables()
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -45,16 +46,20 @@ def init_model_parallel(device: torch.device) -> torch.device:
     return device
 
 
-def check_torchrun_environment() -> None:
-    """torchrun's variables, where one is set: RANK, WORLD_SIZE and LOCAL_RANK are process numbers,
-    and RANK comes with the rest of what torch.distributed reads."""
+def check_process_numbers() -> None:
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK, where set, are process numbers."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         value = os.environ.get(name, "0")
         if not (value.isascii() and value.isdigit()):
             raise LlamaError(f"the environment variable {name}={value!r} is not a process number: torchrun sets "
                              "it; unset it to run one process (or start the script with torchrun)")
+
+
+def check_rendezvous_variables() -> None:
+    """RANK comes with the rest of what torch.distributed reads to start a group from the environment
+    (a caller who started the group another way needs none of them)."""
     missing = [name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if "RANK" in os.environ and missing:
+    if missing:
         raise LlamaError(f"the environment variable RANK is set but not {' and '.join(missing)}: torchrun sets them "
                          "all; unset RANK to run one process (or start the script with torchrun)")
 

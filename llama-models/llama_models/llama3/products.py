@@ -8,8 +8,8 @@ the candidates in turn, each timed where it runs (the weights streaming from mem
 other layers' products, exactly as they will in every later step), and from then on each kind uses
 the one that was fastest. Other devices choose the same way among their own candidates (below).
 
-A kind of product is (dtype, weight shape, rows rounded up to a power of two). Rows tell apart the
-products that set a Llama's speed:
+A kind of product is (dtype, weight shape, rows rounded up to a power of two; a quantized matrix's
+"dtype" holds more: `product_kind`). Rows tell apart the products that set a Llama's speed:
 
 - one row: a decode step. Every weight is read once for one token, so the time is the time to
   stream the weight from memory, and the best kernel is the one that streams fastest;
@@ -337,12 +337,14 @@ def power_of_two_at_least(n: int) -> int:
 def product_kind(rows: int, weight) -> tuple:
     """What a choice is made for: (dtype, weight shape, rows rounded up to a power of two). For a
     quantized matrix the "dtype" also holds what else its candidates depend on (`applies`): the
-    activations' dtype (its scales') and what it can be converted back from. Two models in one
-    process may hold matrices of one scheme and shape that differ in those."""
+    activations' dtype (its scales'), int4's group size (a device's built-in kernel may take one and
+    not another) and what it can be converted back from. Two models in one process may hold matrices
+    of one scheme and shape that differ in those."""
     if isinstance(weight, torch.Tensor):
         dtype = weight.dtype
     else:
-        dtype = (weight.dtype, weight.scales_dtype, weight.can_dequantize, weight.can_dequantize_rows)
+        dtype = (weight.dtype, weight.scales_dtype, getattr(weight, "group_size", None), weight.can_dequantize,
+                 weight.can_dequantize_rows)
     return (dtype, tuple(weight.shape), power_of_two_at_least(rows))
 
 

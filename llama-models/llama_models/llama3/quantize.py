@@ -107,8 +107,8 @@ class QuantizedWeight(nn.Module):
 
     @property
     def can_dequantize(self) -> bool:
-        """Whether a prompt's product on the CPU may convert the whole matrix back (`rows`) for its
-        length: a kind that implements `rows` says so. (Off the CPU a matrix without a built-in
+        """Whether a product of several rows on the CPU may convert the whole matrix back (`rows`)
+        for its length: a kind that implements `rows` says so. (Off the CPU a matrix without a built-in
         kernel there is always dequantized: products.py's DEVICE_KERNELS.)"""
         return False
 
@@ -400,7 +400,7 @@ class Float16Weight(QuantizedWeight):
         parts = [torch.ops.quantized.linear_dynamic_fp16(x, block) for block in self.blocks]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(self.model_dtype)
 
-    # Not `can_dequantize`, for a prompt either: unpacking would only add work to the same sums.
+    # Not `can_dequantize`, for several rows either: unpacking would only add work to the same sums.
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # (out, in): the weights back, block by block
         out = torch.empty(self.shape, dtype=dtype)
         for rows, block in zip(row_blocks(self.out_features, FLOAT16_BLOCK_ROWS), self.blocks):
