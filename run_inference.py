@@ -18,6 +18,7 @@ same stages as minimal_run_inference.py, with the explanations that one leaves o
 import base64
 import contextlib
 import dataclasses
+import difflib
 import importlib.util
 import itertools
 import math
@@ -123,9 +124,12 @@ NUMBER_SETTINGS = {"LENGTH_PENALTY": (-10, 10), "TEMPERATURE": (0, None), "TOP_P
 SWITCH_SETTINGS = ("CHAT", "SHOW_TOKENS", "SHOW_PROMPT_TOKENS", "SHOW_LOGIT_LENS", "SHOW_MEMORY", "SHOW_PROFILE")
 TEXT_SETTINGS = {"MODEL_NAME": False, "LLAMA_MODELS_DIR": False, "INPUT_STRING": False, "SYSTEM_PROMPT": True,
                  "ATTENTION_PNG": True, "DEVICE": False, "DTYPE": True}  # may it be None?
+SETTINGS = (*WHOLE_NUMBER_SETTINGS, *NUMBER_SETTINGS, *SWITCH_SETTINGS, "IS_INSTRUCT", *TEXT_SETTINGS, "DECODING",
+            "QUANTIZE")  # (the last three are checked by value)
 
 
 def check_settings() -> None:
+    check_setting_names()
     settings = globals()
     for name, (low, high) in WHOLE_NUMBER_SETTINGS.items():
         value = settings[name]
@@ -153,6 +157,20 @@ def check_settings() -> None:
         raise LlamaError(f"QUANTIZE = {QUANTIZE!r}: use None, {listed(SCHEMES)}")
     if ATTENTION_PNG is not None:  # now, not after the model has loaded and answered
         check_attention_png(Path(ATTENTION_PNG).expanduser())
+
+
+def check_setting_names() -> None:
+    """Every setting is there, under its own name: a renamed line would otherwise end in a NameError,
+    and a misspelled one (DECODNG = "beam" beside DECODING) would be ignored."""
+    settings = globals()
+    for name in settings:
+        meant = difflib.get_close_matches(name, SETTINGS, n=1, cutoff=0.8) if name.isupper() else []
+        if name not in SETTINGS and meant:  # the script's own constants are all further from any setting
+            raise LlamaError(f"{name} is not a setting (did you mean {meant[0]}?): correct its name")
+    missing = [name for name in SETTINGS if name not in settings]
+    if missing:
+        raise LlamaError(f"the setting {missing[0]} is missing from chapter 1 of {Path(__file__).name}: write its "
+                         "line back (git diff shows what changed)")
 
 
 def check_range(name: str, value, low, high) -> None:  # high None: no upper bound

@@ -617,6 +617,19 @@ def test_every_setting_has_its_kind_checked(monkeypatch, name):
         run_inference.check_settings()
 
 
+@pytest.mark.parametrize("typo, meant", [("DECODNG", "DECODING"), ("TOP_K", "TOP_P"), ("MAX_TOKENS", "MAX_NEW_TOKENS")])
+def test_a_misspelled_setting_is_named_not_ignored(monkeypatch, typo, meant):
+    monkeypatch.setattr(run_inference, typo, "beam", raising=False)
+    with pytest.raises(run_inference.LlamaError, match=rf"^{typo} is not a setting \(did you mean {meant}\?\)"):
+        run_inference.check_settings()
+
+
+def test_a_setting_whose_line_is_gone_is_named(monkeypatch):
+    monkeypatch.delattr(run_inference, "DECODING")  # a NameError deep inside, else
+    with pytest.raises(run_inference.LlamaError, match="^the setting DECODING is missing from chapter 1"):
+        run_inference.check_settings()
+
+
 def test_the_default_settings_pass_their_check():
     run_inference.check_settings()  # raises if a default were of the wrong kind
 
