@@ -301,6 +301,16 @@ def show_tokenizer_file(tokenizer_path: Path, n_lines: int = 3) -> None:
             print(f"    {line.strip():<24} -> id {rank:>6} = {base64.b64decode(encoded)!r}")
 
 
+# Control characters in generated text (a random or confused model writes them) are shown escaped,
+# "\x1b" and so on: a terminal would act on them (ESC begins a sequence that can reconfigure it,
+# carriage return overwrites the line). Line breaks and tabs stay.
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(32), *range(127, 160)] if chr(code) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    return text.translate(CONTROL_CHARACTERS)
+
+
 def token_text(tokenizer: Tokenizer, token: int) -> str:
     """A token as text, or as raw bytes when it holds only part of a multi-byte character."""
     raw = tokenizer.token_bytes(token)
@@ -1251,9 +1261,9 @@ def stream_tokens(steps, tokenizer: Tokenizer, show_tokens: bool, streamed: Stre
                 print(f"  |  {alternatives_text(tokenizer, alternatives[len(tokens) - 1])}", end="")
             print()
         else:
-            print(decoder.push(token), end="", flush=True)
+            print(printable(decoder.push(token)), end="", flush=True)
     if not table:
-        print(decoder.flush())  # the text's last characters and its line's end
+        print(printable(decoder.flush()))  # the text's last characters and its line's end
 
 
 @contextlib.contextmanager
@@ -1284,7 +1294,7 @@ def print_beams(beams: list, tokenizer: Tokenizer) -> None:
         text = tokenizer.decode([token for token in tokens if token not in tokenizer.stop_tokens])
         joint_log_prob = score * len(tokens) ** LENGTH_PENALTY
         print(f"--- beam {rank}: log-probability {joint_log_prob:.3f}, score {score:.4f}, {len(tokens)} tokens")
-        print(text)
+        print(printable(text))
 
 
 def print_timing(prompt_length: int, generated: int, started: float, first_token: float, finished: float):

@@ -410,6 +410,14 @@ def test_streaming_prints_multi_byte_characters_whole(tiny_checkpoint, capsys):
     assert streamed.first_token_time is not None
 
 
+def test_streaming_shows_control_characters_escaped(tiny_checkpoint, capsys):
+    """An escape sequence or a carriage return in the text would act on the terminal."""
+    tokenizer = Tokenizer(tiny_checkpoint("gqa4") / "tokenizer.model")
+    tokens = tokenizer.encode("a\x1b[2Jb\rc\td\ne", bos=False, eos=False)
+    run_inference.stream_tokens([(token, 1.0) for token in tokens], tokenizer, False, run_inference.Streamed())
+    assert capsys.readouterr().out == "a\\x1b[2Jb\\x0dc\td\ne\n"
+
+
 def test_token_table_shows_partial_characters_as_bytes(tiny_checkpoint, capsys):
     tokenizer = Tokenizer(tiny_checkpoint("gqa4") / "tokenizer.model")
     tokens = tokenizer.encode("é🦙", bos=False, eos=False)  # 2 + 4 bytes, none valid UTF-8 alone
