@@ -43,7 +43,7 @@ def main():
     if not folder.is_dir():
         chosen_by = "LLAMA_CHECKPOINT_DIR" if os.environ.get("LLAMA_CHECKPOINT_DIR") else \
             "MODEL_NAME and LLAMA_MODELS_DIR, or set LLAMA_CHECKPOINT_DIR"
-        raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}")
+        raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}, or download a model (README)")
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
     if len(files.shards) > 1 or os.environ.get("WORLD_SIZE", "1") != "1":  # several shards, or under torchrun
         raise LlamaError(f"this script runs one process on one shard ({files.folder} has {len(files.shards)}): use "

@@ -263,8 +263,21 @@ def checkpoint_folder() -> Path:
                "MODEL_NAME and LLAMA_MODELS_DIR)" if from_environment else
                f"set MODEL_NAME and LLAMA_MODELS_DIR at the top of {Path(__file__).name}, or the "
                "LLAMA_CHECKPOINT_DIR environment variable")
-        raise LlamaError(f"no checkpoint folder at {folder}: {fix}")
+        raise LlamaError(f"no checkpoint folder at {folder}{nearby_folders(folder)}: {fix}, or download a model "
+                         "(README, Download a model)")
     return folder
+
+
+def nearby_folders(folder: Path) -> str:
+    """ " (did you mean Llama3.2-1B-Instruct?)" where the missing folder's parent holds one of a name
+    close to it, in any case."""
+    try:
+        siblings = [path.name for path in folder.parent.iterdir() if path.is_dir()]
+    except OSError:  # no such parent either, or not ours to list
+        siblings = []
+    by_lower_case = {name.lower(): name for name in siblings}
+    meant = difflib.get_close_matches(folder.name.lower(), by_lower_case, n=1, cutoff=0.8)
+    return f" (did you mean {by_lower_case[meant[0]]}?)" if meant else ""
 
 
 def is_instruct(files: CheckpointFiles) -> bool:
