@@ -1233,7 +1233,8 @@ def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> Non
 
 
 def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer, text_width: int) -> None:
-    print(f"{step:>5}  {token:>6}  {probability:>8.2%}  {padded(token_text(tokenizer, token), text_width)}", end="")
+    shown = f"{probability:.2%}" if probability >= 0.00005 or probability == 0 else "<0.01%"  # drawn, yet "0.00%"?
+    print(f"{step:>5}  {token:>6}  {shown:>8}  {padded(token_text(tokenizer, token), text_width)}", end="")
 
 
 def padded(text: str, columns: int) -> str:
@@ -1361,7 +1362,7 @@ def generate_and_print(model, tokenizer: Tokenizer, prompt: list, is_main: bool)
 
 def first_products_note(model) -> str:
     """Why a first prompt is slower than later ones (README, "Speed and memory, measured")."""
-    mapped = " and read the mapped weights in from their file" if model.output.weight.device.type == "cpu" else ""
+    mapped = " and read in the weights still in their file" if model.output.weight.device.type == "cpu" else ""
     return f"(the first products of each kind timed the candidate kernels{mapped}: later prompts run faster)"
 
 
