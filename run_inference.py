@@ -1157,7 +1157,8 @@ def print_profile(model, profile: StepProfile, bandwidth: float) -> None:
         return
     steps = len(profile.steps)
     print(f"where a decode step's time goes ({steps} steps of batch {profile.batch}, after the first ones, which "
-          f"timed the kernels; this machine's memory reads {bandwidth / 1e9:.1f} GB/s):")
+          f"timed the kernels; this machine's memory reads {bandwidth / 1e9:.1f} GB/s, timed just now on a "
+          "scratch tensor):")
     print(f"  {'part':<22} {'ms/step':>8} {'MiB read':>9} {'GB/s':>6} {'% of memory':>11}  kernels")
     for part, (seconds, size) in rows.items():
         speed = size / seconds if size >= 2**20 and seconds > 0 else None  # below a MiB it says nothing
