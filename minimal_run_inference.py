@@ -18,8 +18,8 @@ from fairscale.nn.model_parallel.initialize import initialize_model_parallel  # 
 try:  # Meta's downloader package has our package's name: if it replaced ours, say so
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Transformer
     from llama_models.llama3.args import is_whole_number
-    from llama_models.llama3.checkpoint import (convert_one_by_one, find_checkpoint_files, load_tokenizer,
-                                                match_checkpoint_to_model)
+    from llama_models.llama3.checkpoint import (checkpoint_folder, convert_one_by_one, find_checkpoint_files,
+                                                load_tokenizer, match_checkpoint_to_model)
     from llama_models.llama3.devices import resolve_device
     from llama_models.llama3.quantize import pack_for_cpu
     from llama_models.llama3.sharding import read_shard
@@ -36,14 +36,7 @@ MAX_NEW_TOKENS = 128  # stop after this many tokens unless the model ends its an
 
 
 def main():
-    for name in ("MODEL_NAME", "LLAMA_MODELS_DIR"):
-        if not isinstance(globals()[name], str):
-            raise LlamaError(f"{name} = {globals()[name]!r}: write a folder name in quotes")
-    folder = Path(os.environ.get("LLAMA_CHECKPOINT_DIR") or Path(LLAMA_MODELS_DIR) / MODEL_NAME).expanduser()
-    if not folder.is_dir():
-        chosen_by = "LLAMA_CHECKPOINT_DIR" if os.environ.get("LLAMA_CHECKPOINT_DIR") else \
-            "MODEL_NAME and LLAMA_MODELS_DIR, or set LLAMA_CHECKPOINT_DIR"
-        raise LlamaError(f"no checkpoint folder at {folder}: correct {chosen_by}, or download a model (README)")
+    folder = checkpoint_folder(LLAMA_MODELS_DIR, MODEL_NAME, Path(__file__).name)  # or LLAMA_CHECKPOINT_DIR's
     files = find_checkpoint_files(folder)  # params.json, tokenizer.model, *.pth (also in Hugging Face's original/)
     if len(files.shards) > 1 or os.environ.get("WORLD_SIZE", "1") != "1":  # several shards, or under torchrun
         raise LlamaError(f"this script runs one process on one shard ({files.folder} has {len(files.shards)}): use "

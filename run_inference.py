@@ -65,7 +65,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
     from llama_models.llama3 import ChatFormat, LlamaError, ModelArgs, StreamingDecoder, Tokenizer, products
     from llama_models.llama3.args import is_finite_number, is_whole_number
     from llama_models.llama3.bandwidth import memory_read_bandwidth
-    from llama_models.llama3.checkpoint import (CheckpointFiles, build_model, check_quantize_request,
+    from llama_models.llama3.checkpoint import (CheckpointFiles, build_model, check_quantize_request, checkpoint_folder,
                                                 find_checkpoint_files, load_tokenizer, load_weights, quantize_loaded)
     from llama_models.llama3.devices import resolve_device, resolve_dtype, synchronize
     from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
@@ -253,31 +253,6 @@ def start_processes(device: torch.device) -> tuple[torch.device, bool]:
 # "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5, "multiple_of": 256,
 # "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": true}. It says nothing about how long
 # a text may get: that is our choice (max_seq_len), made once the prompt is known (chapter 5).
-
-
-def checkpoint_folder() -> Path:
-    from_environment = os.environ.get("LLAMA_CHECKPOINT_DIR")
-    folder = Path(from_environment or Path(LLAMA_MODELS_DIR).expanduser() / MODEL_NAME).expanduser()
-    if not folder.is_dir():
-        fix = ("correct the LLAMA_CHECKPOINT_DIR environment variable, which names it (or unset it to use "
-               "MODEL_NAME and LLAMA_MODELS_DIR)" if from_environment else
-               f"set MODEL_NAME and LLAMA_MODELS_DIR at the top of {Path(__file__).name}, or the "
-               "LLAMA_CHECKPOINT_DIR environment variable")
-        raise LlamaError(f"no checkpoint folder at {folder}{nearby_folders(folder)}: {fix}, or download a model "
-                         "(README, Download a model)")
-    return folder
-
-
-def nearby_folders(folder: Path) -> str:
-    """ " (did you mean Llama3.2-1B-Instruct?)" where the missing folder's parent holds one of a name
-    close to it, in any case."""
-    try:
-        siblings = [path.name for path in folder.parent.iterdir() if path.is_dir()]
-    except OSError:  # no such parent either, or not ours to list
-        siblings = []
-    by_lower_case = {name.lower(): name for name in siblings}
-    meant = difflib.get_close_matches(folder.name.lower(), by_lower_case, n=1, cutoff=0.8)
-    return f" (did you mean {by_lower_case[meant[0]]}?)" if meant else ""
 
 
 def is_instruct(files: CheckpointFiles) -> bool:
@@ -1371,7 +1346,7 @@ def run() -> None:
     check_settings()  # 1. settings
     device = resolve_device(DEVICE)
     dtype = resolve_dtype(DTYPE, device)
-    folder = checkpoint_folder()
+    folder = checkpoint_folder(LLAMA_MODELS_DIR, MODEL_NAME, Path(__file__).name)
     files = find_checkpoint_files(folder)
 
     device, is_main = start_processes(device)  # 2. start torch.distributed and fairscale

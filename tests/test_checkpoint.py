@@ -14,7 +14,7 @@ import torch
 from checkpoints import TINY_SHAPES, folder_snapshot, mapped_file_rss_bytes, memory_mapped_ranges, write_checkpoint
 from llama_models import reshard
 from llama_models.llama3 import LlamaError, ModelArgs, load_llama
-from llama_models.llama3.checkpoint import find_checkpoint_files
+from llama_models.llama3.checkpoint import checkpoint_folder, find_checkpoint_files
 from llama_models.llama3.parallel import check_process_numbers, check_rendezvous_variables
 from llama_models.llama3.sharding import release_mapped_pages
 from tokenizer_files import write_byte_level_tokenizer
@@ -491,3 +491,10 @@ def test_a_group_the_caller_started_is_joined_whatever_rank_says(tiny_checkpoint
     monkeypatch.setenv("RANK", "0")
     model, _ = load_llama(tiny_checkpoint("gqa1"), max_seq_len=8)
     assert model(torch.tensor([[1, 2]]), start_pos=0).isfinite().all()
+
+
+@pytest.mark.parametrize("models_dir, model_name, culprit", [(None, "Llama3.2-1B", "LLAMA_MODELS_DIR = None"),
+                                                            ("~/.llama/checkpoints", 5, "MODEL_NAME = 5")])
+def test_a_folder_setting_that_is_not_text_is_named(models_dir, model_name, culprit):
+    with pytest.raises(LlamaError, match=f"^{culprit}: write a folder name in quotes"):
+        checkpoint_folder(models_dir, model_name, "minimal_run_inference.py")

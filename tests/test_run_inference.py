@@ -698,12 +698,14 @@ def test_minimal_script_names_both_culprits_of_an_answer_beyond_the_context(tiny
 def test_minimal_script_names_a_missing_folder_and_the_settings_that_choose_it(tmp_path):
     finished = run_python(["minimal_run_inference.py"], checkpoint=tmp_path / "no-such-folder")
     assert finished.returncode == 1
-    assert finished.stderr == (f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}: correct LLAMA_CHECKPOINT_DIR, "
-                               "or download a model (README)\n")
+    assert finished.stderr.startswith(f"error: no checkpoint folder at {tmp_path / 'no-such-folder'}: correct the "
+                                      "LLAMA_CHECKPOINT_DIR environment variable")
     code = ("import minimal_run_inference as m\nm.LLAMA_MODELS_DIR = " + repr(str(tmp_path)) + "\nm.MODEL_NAME = 'nope'\n"
             "try:\n    m.main()\nexcept m.LlamaError as error:\n    print(error)")
     finished = run_python(["-c", code])
-    assert finished.stdout.strip().endswith(": correct MODEL_NAME and LLAMA_MODELS_DIR, or set LLAMA_CHECKPOINT_DIR, or download a model (README)")
+    assert finished.stdout.strip().endswith(": set MODEL_NAME and LLAMA_MODELS_DIR at the top of minimal_run_inference.py, "
+                                            "or the LLAMA_CHECKPOINT_DIR environment variable, or download a model "
+                                            "(README, Download a model)")
     tilde = run_python(["minimal_run_inference.py"], checkpoint="~/no-such-folder")  # as a quoted ~ arrives
     assert f"no checkpoint folder at {Path.home() / 'no-such-folder'}:" in tilde.stderr
 
@@ -725,9 +727,7 @@ def test_a_near_miss_of_a_folder_name_is_pointed_out(tmp_path):
     with pytest.raises(run_inference.LlamaError, match=r"1b-instruct \(did you mean Llama3.2-1B-Instruct\?\): set"):
         with pytest.MonkeyPatch.context() as patch:
             patch.delenv("LLAMA_CHECKPOINT_DIR", raising=False)
-            patch.setattr(run_inference, "LLAMA_MODELS_DIR", str(tmp_path))
-            patch.setattr(run_inference, "MODEL_NAME", "llama3.2-1b-instruct")
-            run_inference.checkpoint_folder()
+            run_inference.checkpoint_folder(str(tmp_path), "llama3.2-1b-instruct", "run_inference.py")
 
 
 @pytest.mark.parametrize("script", ["run_inference.py", "minimal_run_inference.py"])

@@ -20,6 +20,7 @@ The steps are small public functions so the scripts can show them one by one; `l
 in order. Nothing here writes to the checkpoint folder.
 """
 
+import difflib
 import math
 import os
 import re
@@ -71,6 +72,37 @@ class CheckpointFiles:
 # hf download meta-llama/Llama-3.2-1B-Instruct --include "original/*" --local-dir Llama-3.2-1B-Instruct
 # gives Llama-3.2-1B-Instruct/original/{params.json, tokenizer.model, consolidated.00.pth}.
 HF_SUBFOLDER = "original"
+
+
+def checkpoint_folder(models_dir: str, model_name: str, script: str) -> Path:
+    """The folder a script runs: LLAMA_CHECKPOINT_DIR where it is set, else the script's settings
+    LLAMA_MODELS_DIR / MODEL_NAME, with ~ expanded. Where there is none, one line says what chose
+    it and names a folder beside it of a close name."""
+    for name, value in (("MODEL_NAME", model_name), ("LLAMA_MODELS_DIR", models_dir)):
+        if not isinstance(value, str):
+            raise LlamaError(f"{name} = {value!r}: write a folder name in quotes")
+    from_environment = os.environ.get("LLAMA_CHECKPOINT_DIR")
+    folder = Path(from_environment or Path(models_dir).expanduser() / model_name).expanduser()
+    if not folder.is_dir():
+        fix = ("correct the LLAMA_CHECKPOINT_DIR environment variable, which names it (or unset it to use "
+               "MODEL_NAME and LLAMA_MODELS_DIR)" if from_environment else
+               f"set MODEL_NAME and LLAMA_MODELS_DIR at the top of {script}, or the LLAMA_CHECKPOINT_DIR "
+               "environment variable")
+        raise LlamaError(f"no checkpoint folder at {folder}{nearby_folder(folder)}: {fix}, or download a model "
+                         "(README, Download a model)")
+    return folder
+
+
+def nearby_folder(folder: Path) -> str:
+    """ " (did you mean Llama3.2-1B-Instruct?)" where the missing folder's parent holds one of a name
+    close to it, in any case."""
+    try:
+        siblings = [path.name for path in folder.parent.iterdir() if path.is_dir()]
+    except OSError:  # no such parent either, or not ours to list
+        siblings = []
+    by_lower_case = {name.lower(): name for name in siblings}
+    meant = difflib.get_close_matches(folder.name.lower(), by_lower_case, n=1, cutoff=0.8)
+    return f" (did you mean {by_lower_case[meant[0]]}?)" if meant else ""
 
 
 def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
