@@ -759,6 +759,17 @@ def test_a_torchrun_variable_that_is_not_a_number_gets_one_line(tiny_checkpoint)
                                "unset it to run one process (or start the script with torchrun)\n")
 
 
+def test_a_group_the_caller_started_stays_open_after_a_run(tiny_checkpoint):
+    """run_inference.main() from a program that started torch.distributed itself: it joins that group,
+    and closes only what it opened (fairscale's state), not the caller's group."""
+    code = ("import torch.distributed as dist\n"
+            "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+            "import run_inference as r\nr.MAX_NEW_TOKENS = 2\nr.main()\nprint('still open:', dist.is_initialized())")
+    finished = run_python(["-c", code], checkpoint=tiny_checkpoint("gqa4"))
+    assert_ran_cleanly(finished)
+    assert finished.stdout.splitlines()[-1] == "still open: True"
+
+
 def test_minimal_script_says_it_takes_no_arguments():
     finished = run_python(["minimal_run_inference.py", "--help"])
     assert finished.returncode == 1 and "takes no arguments (got --help)" in finished.stderr

@@ -15,6 +15,8 @@ from fairscale.nn.model_parallel import initialize as fairscale_parallel
 
 from .args import LlamaError
 
+OPENED_HERE = set()  # "group", "fairscale": what init_model_parallel started, which end_model_parallel closes
+
 
 def init_model_parallel(device: torch.device) -> torch.device:
     """Start torch.distributed and fairscale's model parallelism, unless someone already has.
@@ -39,10 +41,12 @@ def init_model_parallel(device: torch.device) -> torch.device:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        OPENED_HERE.add("group")
         atexit.register(end_model_parallel)  # we opened it, so we close it, even if the caller does not
     if not fairscale_parallel.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints three banner lines
             fairscale_parallel.initialize_model_parallel(dist.get_world_size())
+        OPENED_HERE.add("fairscale")
     return device
 
 
@@ -83,7 +87,8 @@ def _device_for_this_process(device: torch.device) -> torch.device:
 
 
 def end_model_parallel() -> None:
-    """Close torch.distributed at the end of a run, in every process.
+    """Close torch.distributed at the end of a run, in every process: what init_model_parallel
+    opened (a group the caller started stays theirs to close).
 
     A process that exits with its group still open can abort ("terminate called without an active
     exception") while the other processes are closing their connections to it, and torchrun then
@@ -93,10 +98,11 @@ def end_model_parallel() -> None:
     not call it; calling it earlier frees the group sooner, and a second call does nothing.
     Models built before cannot run afterwards: fairscale's layers look up the group at every call.
     """
-    if fairscale_parallel.model_parallel_is_initialized():
+    if "fairscale" in OPENED_HERE and fairscale_parallel.model_parallel_is_initialized():
         fairscale_parallel.destroy_model_parallel()
-    if dist.is_initialized():
+    if "group" in OPENED_HERE and dist.is_initialized():
         dist.destroy_process_group()
+    OPENED_HERE.clear()
 
 
 def model_parallel_rank_and_size() -> tuple[int, int]:
