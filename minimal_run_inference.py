@@ -23,6 +23,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
     from llama_models.llama3.devices import resolve_device
     from llama_models.llama3.quantize import pack_for_cpu
     from llama_models.llama3.sharding import read_shard
+    from llama_models.llama3.tokenizer import printable
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package has the same "
              "name: run `pip install -r requirements.txt` here, and Meta's downloader in its own environment (README)")
@@ -91,14 +92,14 @@ def main():
     token = int(logits[0, -1].argmax())  # greedy: the most likely next token
     while token not in tokenizer.stop_tokens:
         generated.append(token)
-        print(decoder.push(token), end="", flush=True)
+        print(printable(decoder.push(token)), end="", flush=True)  # control characters escaped
         if len(generated) == MAX_NEW_TOKENS:
             break
         logits = model(torch.tensor([[token]], device=device), start_pos=len(prompt) + len(generated) - 1)
         token = int(logits[0, -1].argmax())
 
     # 8. Report
-    print(decoder.flush())
+    print(printable(decoder.flush()))
     print(f"\n{len(generated)} tokens in {time.perf_counter() - started:.1f} s, the prompt's prefill included")
     dist.destroy_process_group()
 

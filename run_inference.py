@@ -71,6 +71,7 @@ try:  # Meta's downloader package has our package's name: if it replaced ours, s
     from llama_models.llama3.model import ColumnParallelLinear, RowParallelLinear, apply_rope
     from llama_models.llama3.parallel import end_model_parallel, init_model_parallel, is_main_process
     from llama_models.llama3.quantize import SCHEMES, QuantizedWeight, listed
+    from llama_models.llama3.tokenizer import printable
 except ImportError as error:
     sys.exit(f"error: cannot import this project's llama_models ({error}). Meta's llama-models package, which "
              "holds its downloader, has the same name and replaces ours: run `pip install -r requirements.txt` "
@@ -287,16 +288,6 @@ def show_tokenizer_file(tokenizer_path: Path, n_lines: int = 3) -> None:
         for line, _ in zip(file, range(n_lines)):
             encoded, rank = line.split()
             print(f"    {line.strip():<24} -> id {rank:>6} = {base64.b64decode(encoded)!r}")
-
-
-# Control characters in generated text (a random or confused model writes them) are shown escaped,
-# "\x1b" and so on: a terminal would act on them (ESC begins a sequence that can reconfigure it,
-# carriage return overwrites the line). Line breaks and tabs stay.
-CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(32), *range(127, 160)] if chr(code) not in "\n\t"}
-
-
-def printable(text: str) -> str:
-    return text.translate(CONTROL_CHARACTERS)
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> str:

@@ -378,3 +378,11 @@ def test_a_file_without_every_single_byte_is_rejected(tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(ValueError, match="no token for the byte b'a'"):
         Tokenizer(path)
+
+
+def test_printable_escapes_what_a_terminal_would_act_on_and_keeps_line_breaks():
+    from llama_models.llama3.tokenizer import printable
+
+    assert printable("int main() {\r\n\treturn 0;\n}") == "int main() {\n\treturn 0;\n}"  # Windows' line ends
+    assert printable("a\x1b[2Jb\rc\x00\x7f\x9b") == "a\\x1b[2Jb\\x0dc\\x00\\x7f\\x9b"
+    assert printable("héllo 🦙 中文 e\u0301 \u2028") == "héllo 🦙 中文 e\u0301 \u2028"

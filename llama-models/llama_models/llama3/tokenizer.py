@@ -263,6 +263,17 @@ class Tokenizer:
         return self.encoding.decode_single_token_bytes(token_id)
 
 
+# Control characters in generated text (a random or confused model writes them) would act on a
+# terminal: ESC begins a sequence that can reconfigure it, a carriage return overwrites the line.
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(32), *range(127, 160)] if chr(code) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """Text for a terminal: control characters shown escaped ("\\x1b"), line breaks (also Windows'
+    \\r\\n, which code comes with) and tabs kept."""
+    return text.replace("\r\n", "\n").translate(CONTROL_CHARACTERS)
+
+
 class StreamingDecoder:
     """Decodes tokens one at a time, e.g. to print a model's reply while it is generated.
 
@@ -274,8 +285,8 @@ class StreamingDecoder:
     Usage:
         decoder = StreamingDecoder(tokenizer)
         for token_id in generated_ids:
-            print(decoder.push(token_id), end="", flush=True)
-        print(decoder.flush())
+            print(printable(decoder.push(token_id)), end="", flush=True)
+        print(printable(decoder.flush()))
     """
 
     def __init__(self, tokenizer: Tokenizer):
