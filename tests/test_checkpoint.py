@@ -498,3 +498,12 @@ def test_a_group_the_caller_started_is_joined_whatever_rank_says(tiny_checkpoint
 def test_a_folder_setting_that_is_not_text_is_named(models_dir, model_name, culprit):
     with pytest.raises(LlamaError, match=f"^{culprit}: write a folder name in quotes"):
         checkpoint_folder(models_dir, model_name, "minimal_run_inference.py")
+
+
+@pytest.mark.parametrize("beside, shown", [("Llama3.2-1B-Instruct ", "'Llama3.2-1B-Instruct '"),
+                                           ("Llama3.2-1B-Instruct\x1b[2J", "'Llama3.2-1B-Instruct\\x1b[2J'")])
+def test_a_near_miss_that_would_look_like_the_name_given_is_quoted(tmp_path, monkeypatch, beside, shown):
+    (tmp_path / beside).mkdir()
+    monkeypatch.delenv("LLAMA_CHECKPOINT_DIR", raising=False)
+    with pytest.raises(LlamaError, match=re.escape(f"(did you mean {shown}?)")):
+        checkpoint_folder(str(tmp_path), "Llama3.2-1B-Instruct", "run_inference.py")

@@ -24,6 +24,7 @@ import difflib
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -102,7 +103,13 @@ def nearby_folder(folder: Path) -> str:
         siblings = []
     by_lower_case = {name.lower(): name for name in siblings}
     meant = difflib.get_close_matches(folder.name.lower(), by_lower_case, n=1, cutoff=0.8)
-    return f" (did you mean {by_lower_case[meant[0]]}?)" if meant else ""
+    if not meant:
+        return ""
+    name = by_lower_case[meant[0]]
+    # in quotes where it would look like the name given (another Unicode form, a space at the end) or
+    # holds what a terminal would act on
+    looks_alike = unicodedata.normalize("NFC", name).strip() == unicodedata.normalize("NFC", folder.name).strip()
+    return f" (did you mean {name!r}?)" if looks_alike or not name.isprintable() else f" (did you mean {name}?)"
 
 
 def find_checkpoint_files(ckpt_dir: Union[str, Path]) -> CheckpointFiles:
