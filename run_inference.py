@@ -27,6 +27,7 @@ import re
 import signal
 import sys
 import time
+import types
 import unicodedata
 from pathlib import Path
 
@@ -164,9 +165,16 @@ def check_setting_names() -> None:
     """Every setting is there, under its own name: a renamed line would otherwise end in a NameError,
     and a misspelled one (DECODNG = "beam" beside DECODING) would be ignored."""
     settings = globals()
-    for name in settings:
-        meant = difflib.get_close_matches(name, SETTINGS, n=1, cutoff=0.8) if name.isupper() else []
-        if name not in SETTINGS and meant:  # the script's own constants are all further from any setting
+    for name, value in settings.items():
+        if name in SETTINGS or name.startswith("_") or callable(value) or isinstance(value, types.ModuleType):
+            continue
+        if name == "LLAMA_CHECKPOINT_DIR":
+            raise LlamaError("LLAMA_CHECKPOINT_DIR is an environment variable, not a setting: run "
+                             f"`LLAMA_CHECKPOINT_DIR=... python {Path(__file__).name}`, or set MODEL_NAME and LLAMA_MODELS_DIR")
+        # A name of the user's own that extends a setting's (INPUT_STRING_2) is no slip; the script's
+        # own constants are all further from every setting than the cutoff.
+        meant = difflib.get_close_matches(name.upper(), SETTINGS, n=1, cutoff=0.8)
+        if meant and not name.startswith(meant[0]):
             raise LlamaError(f"{name} is not a setting (did you mean {meant[0]}?): correct its name")
     missing = [name for name in SETTINGS if name not in settings]
     if missing:

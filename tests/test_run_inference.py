@@ -625,10 +625,19 @@ def test_every_setting_has_its_kind_checked(monkeypatch, name):
         run_inference.check_settings()
 
 
-@pytest.mark.parametrize("typo, meant", [("DECODNG", "DECODING"), ("TOP_K", "TOP_P"), ("MAX_TOKENS", "MAX_NEW_TOKENS")])
+@pytest.mark.parametrize("typo, meant", [("DECODNG", "DECODING"), ("TOP_K", "TOP_P"), ("MAX_TOKENS", "MAX_NEW_TOKENS"),
+                                         ("decoding", "DECODING")])
 def test_a_misspelled_setting_is_named_not_ignored(monkeypatch, typo, meant):
     monkeypatch.setattr(run_inference, typo, "beam", raising=False)
     with pytest.raises(run_inference.LlamaError, match=rf"^{typo} is not a setting \(did you mean {meant}\?\)"):
+        run_inference.check_settings()
+
+
+def test_a_name_of_ones_own_or_the_environment_variable_as_a_setting(monkeypatch):
+    monkeypatch.setattr(run_inference, "INPUT_STRING_2", "another prompt", raising=False)  # extends a setting's name
+    run_inference.check_settings()
+    monkeypatch.setattr(run_inference, "LLAMA_CHECKPOINT_DIR", "~/Llama3.2-1B", raising=False)
+    with pytest.raises(run_inference.LlamaError, match="^LLAMA_CHECKPOINT_DIR is an environment variable, not a setting"):
         run_inference.check_settings()
 
 
