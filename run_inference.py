@@ -298,6 +298,12 @@ def show_tokenizer_file(tokenizer_path: Path, n_lines: int = 3) -> None:
             print(f"    {line.strip():<24} -> id {rank:>6} = {base64.b64decode(encoded)!r}")
 
 
+def percent(probability: float) -> str:
+    """A probability to two decimals; "<0.01%" where that would read 0.00% yet is not 0 (a drawn
+    token, a random model's best guess)."""
+    return "<0.01%" if 0 < probability < 0.00005 else f"{probability:.2%}"
+
+
 def token_text(tokenizer: Tokenizer, token: int) -> str:
     """A token as text, or as raw bytes when it holds only part of a multi-byte character."""
     raw = tokenizer.token_bytes(token)
@@ -876,7 +882,7 @@ def alternatives_shown(model):
 
 def alternatives_text(tokenizer: Tokenizer, alternatives: tuple) -> str:
     ids, probs, entropy_bits = alternatives
-    candidates = "  ".join(f"{token_text(tokenizer, token)} {prob:.2%}" for token, prob in zip(ids, probs))
+    candidates = "  ".join(f"{token_text(tokenizer, token)} {percent(prob)}" for token, prob in zip(ids, probs))
     return f"{entropy_bits:>14.2f}  {candidates}"
 
 
@@ -913,7 +919,7 @@ def print_logit_lens(rows: list, tokenizer: Tokenizer) -> None:
     print("logit lens at the last prompt position, after each layer (0: model.layers[0], the first):\n"
           f"{'layer':>5}  {'prob':>7}  top next token")
     for index, token, probability in rows:
-        print(f"{index:>5}  {probability:>7.2%}  {token_text(tokenizer, token)}")
+        print(f"{index:>5}  {percent(probability):>7}  {token_text(tokenizer, token)}")
     print()
 
 
@@ -1208,8 +1214,7 @@ def look_inside(model, tokenizer: Tokenizer, prompt: list, is_main: bool) -> Non
 
 
 def print_token_row(step: int, token: int, probability: float, tokenizer: Tokenizer, text_width: int) -> None:
-    shown = f"{probability:.2%}" if probability >= 0.00005 or probability == 0 else "<0.01%"  # drawn, yet "0.00%"?
-    print(f"{step:>5}  {token:>6}  {shown:>8}  {padded(token_text(tokenizer, token), text_width)}", end="")
+    print(f"{step:>5}  {token:>6}  {percent(probability):>8}  {padded(token_text(tokenizer, token), text_width)}", end="")
 
 
 def padded(text: str, columns: int) -> str:

@@ -410,6 +410,10 @@ def test_streaming_prints_multi_byte_characters_whole(tiny_checkpoint, capsys):
     assert streamed.first_token_time is not None
 
 
+def test_a_probability_too_small_for_two_decimals_is_not_shown_as_zero():
+    assert [run_inference.percent(p) for p in (0.0, 1e-9, 0.00005, 0.5)] == ["0.00%", "<0.01%", "0.01%", "50.00%"]
+
+
 def test_streaming_shows_control_characters_escaped(tiny_checkpoint, capsys):
     """An escape sequence or a carriage return in the text would act on the terminal."""
     tokenizer = Tokenizer(tiny_checkpoint("gqa4") / "tokenizer.model")
